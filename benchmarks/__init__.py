@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks. `python -m benchmarks` runs every `bench_*.py` here."""

@@ -1,0 +1,1 @@
+"""Triton and Numba kernels (installed as nnunet_heart_ext.kernels)."""

@@ -1,0 +1,51 @@
+"""Experiment planners for Dataset100_Heart (`nnUNetv2_plan_and_preprocess -pl HeartPlanner`).
+
+- `HeartPlanner` -> plans `HeartPlans`: nnU-Net's residual-encoder preset M (about 9-11 GB of
+  GPU memory by default; `-gpu_memory_target` scales it, as for nnU-Net's ResEnc planners),
+  with its own preprocessed-data folder so that its preprocessing choices never mix with
+  `nnUNetPlans` data.
+- `HeartDemoPlanner` -> plans `HeartDemoPlans`: a small network and patch for the synthetic
+  phantom on a CPU (used by `ensemble_pipeline.sh --demo` and the tests).
+"""
+from typing import List, Tuple, Union
+
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    ResEncUNetPlanner,
+)
+
+
+class HeartPlanner(ResEncUNetPlanner):
+    plans_name = "HeartPlans"
+
+    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = None,
+                 overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
+                 suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
+                         plans_name or self.plans_name, overwrite_target_spacing, suppress_transpose)
+        # nnU-Net's ResEnc M preset (nnUNetPlannerResEncM), without its warning for other targets.
+        self.UNet_vram_target_GB = gpu_memory_target_in_gb
+        self.UNet_reference_val_corresp_GB = 8
+        self.UNet_reference_val_3d = 680000000
+        self.UNet_reference_val_2d = 135000000
+        self.max_dataset_covered = 1
+
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        # ResEnc planners reuse nnUNetPlans' folders for 2d/3d_fullres; ours may preprocess
+        # differently, so each plans file gets its own folder.
+        return self.plans_identifier + "_" + configuration_name
+
+
+class HeartDemoPlanner(HeartPlanner):
+    """Few features and a small patch: trains on 2 CPU cores in minutes (synthetic data only)."""
+    plans_name = "HeartDemoPlans"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.UNet_base_num_features = 8
+        self.UNet_max_features_3d = 64
+        self.UNet_max_features_2d = 64
+        self.UNet_blocks_per_stage_encoder = (1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)
+        # A tiny memory budget makes nnU-Net's own patch-size search shrink the patch.
+        self.UNet_vram_target_GB = 0.05
+        self.UNet_min_batch_size = 2

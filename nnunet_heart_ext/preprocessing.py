@@ -1,0 +1,1 @@
+"""Preprocessors that HeartPlans may name (filled in by the Numba resampling issue)."""

@@ -1,0 +1,47 @@
+"""HeartTrainer schedule variants, generated from one table in nnU-Net's naming.
+
+`HeartTrainer_250epochs` is HeartTrainer with `num_epochs = 250`, as nnU-Net's
+`nnUNetTrainer_250epochs` is to `nnUNetTrainer`. `HeartTrainer_demo` learns the synthetic
+phantom (`nnunet-heart phantom`) on 2 CPU cores in minutes.
+"""
+import torch
+
+from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer
+
+# suffix -> attributes set after nnUNetTrainer.__init__
+SCHEDULES = {
+    "1epoch": {"num_epochs": 1},
+    "5epochs": {"num_epochs": 5},
+    "10epochs": {"num_epochs": 10},
+    "50epochs": {"num_epochs": 50},
+    "100epochs": {"num_epochs": 100},
+    "250epochs": {"num_epochs": 250},
+    "500epochs": {"num_epochs": 500},
+    "2000epochs": {"num_epochs": 2000},
+    "4000epochs": {"num_epochs": 4000},
+    # Synthetic phantom on a CPU: short epochs, a higher foreground share for the tiny classes.
+    "demo": {"num_epochs": 20, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5,
+             "oversample_foreground_percent": 0.66, "save_every": 5},
+}
+
+
+def make_schedule_variant(base: type, suffix: str, attributes: dict) -> type:
+    """A subclass of `base` named `{base}_{suffix}` that sets `attributes` after __init__."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    name = f"{base.__name__}_{suffix}"
+    doc = f"{base.__name__} with " + ", ".join(f"{k}={v}" for k, v in attributes.items()) + "."
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+                                "__doc__": doc})
+
+
+for _suffix, _attributes in SCHEDULES.items():
+    _cls = make_schedule_variant(HeartTrainer, _suffix, _attributes)
+    globals()[_cls.__name__] = _cls
+
+__all__ = [f"HeartTrainer_{s}" for s in SCHEDULES]
