@@ -1,0 +1,432 @@
+"""nnU-Net's default resampling (`resample_data_or_seg_to_shape`), computed with Numba.
+
+Reference maths (nnunetv2 2.8.1 `preprocessing/resampling/default_resampling.py`, which calls
+skimage `resize(mode='edge', anti_aliasing=False, clip=True)` = scipy `zoom(grid_mode=True,
+mode='nearest')`, and batchgenerators `resize_segmentation`):
+
+- Output voxel k along an axis of n_in -> n_out samples the input at
+  `x = (k + 0.5) * n_in / n_out - 0.5`.
+- Order 0: the input voxel `floor(clamp(x, 0, n_in - 1) + 0.5)`.
+- Order 1: `x` clamped to [0, n_in - 1], `i = floor(x)`, weights `w0 = 1 - (x - i)`, `w1 = 1 - w0`
+  on voxels i and i + 1; tensor product over the three axes.
+- Order 3: scipy pads every axis with 12 edge samples, runs the cubic B-spline prefilter (gain 6,
+  pole sqrt(3) - 2, causal then anti-causal recursion) and evaluates the 4-tap cubic B-spline at
+  `x + 12` (no clamping). Both the prefilter and the evaluation are separable, so this module
+  does them one axis at a time: pad, prefilter and evaluate each line, then the next axis. That is
+  4 taps per axis instead of 64 per voxel.
+- Images are clipped to the input's [min, max] (per 2-D slice on the separate-z path), then
+  stored in the input's dtype (numpy casting: integers truncate toward zero).
+- Segmentations, order 1 (`resize_segmentation`): every label's indicator is interpolated
+  (order 1, clipped to [0, 1]); the label with the largest value wins; on an exact tie the
+  nearest-neighbour label wins if it is among the tied labels, else the smallest tied label.
+  Here one pass over the output decides every voxel from its 8 neighbours; the indicator values
+  are summed in scipy's corner order with scipy's weights, in float64, so ties are the same ties.
+- Separate z (anisotropic spacing, `determine_do_sep_z_and_axis`): the in-plane axes as above per
+  slice, then the low-resolution axis with `map_coordinates(order=order_z, mode='nearest')`; for
+  segmentations with order_z 1 the largest label whose interpolated indicator exceeds 0.5 wins,
+  0 where none does (nnU-Net's rule on that path).
+
+Images are computed in float32 (the reference uses float64): differences are about 1e-6 of the
+value range. Integer-typed images can therefore differ by 1 where the exact value is within
+rounding of an integer, because both truncate. Orders other than 0, 1, 3 (and order_z other
+than 0, 1) are passed on to nnU-Net's own function.
+
+Threads: in the main process Numba uses all its threads; in a worker process (nnU-Net's
+preprocessing and export pools) it uses `cores // nnUNet_def_n_proc` threads, at least one, so
+that a pool of N workers does not run N x cores threads. `NUMBA_NUM_THREADS` caps both.
+Kernels are compiled with `cache=True`: a fresh worker loads them from `__pycache__`.
+"""
+import math
+import multiprocessing
+import os
+from typing import List, Tuple, Union
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from nnunetv2.configuration import ANISO_THRESHOLD
+from nnunetv2.preprocessing.resampling.default_resampling import (
+    determine_do_sep_z_and_axis,
+    resample_data_or_seg_to_shape,
+)
+
+_PAD = 12  # scipy's zoom pads each axis by 12 edge samples before the spline prefilter
+_POLE = math.sqrt(3.0) - 2.0  # cubic B-spline prefilter pole
+_GAIN = (1.0 - _POLE) * (1.0 - 1.0 / _POLE)
+_INIT_TAPS = 28  # causal init: pole**28 < 1e-15, the rest of scipy's mirror sum is below float32
+_TILE = 256  # columns per tile when resampling along a non-contiguous axis
+
+
+# ----------------------------------------------------------------------------- axis tables
+def _source_coordinates(n_in: int, n_out: int) -> np.ndarray:
+    return (np.arange(n_out, dtype=np.float64) + 0.5) * (float(n_in) / n_out) - 0.5
+
+
+def _mirror(i: np.ndarray, n: int) -> np.ndarray:
+    # scipy's border offset for a tap past the end (its weight is 0 there, but it must index)
+    return np.where(i >= n, np.maximum(2 * n - 2 - i, 0), i) if n > 1 else np.zeros_like(i)
+
+
+def _nearest_table(n_in: int, n_out: int) -> np.ndarray:
+    x = np.clip(_source_coordinates(n_in, n_out), 0, n_in - 1)
+    return np.floor(x + 0.5).astype(np.int64)
+
+
+def _linear_table(n_in: int, n_out: int):
+    """Indices (n_out, 2), weights (n_out, 2) float64 exactly as scipy computes them, and which
+    of the two taps is the nearest neighbour (n_out,)."""
+    x = np.clip(_source_coordinates(n_in, n_out), 0, n_in - 1)
+    i0 = np.floor(x)
+    w0 = 1.0 - (x - i0)
+    w1 = 1.0 - w0
+    i0 = i0.astype(np.int64)
+    idx = np.stack([i0, _mirror(i0 + 1, n_in)], axis=1)
+    nearest_is_upper = (np.floor(x + 0.5).astype(np.int64) != i0).astype(np.int64)
+    return idx, np.stack([w0, w1], axis=1), nearest_is_upper
+
+
+def _identity_linear_table(n: int):
+    idx = np.stack([np.arange(n), _mirror(np.arange(n) + 1, n)], axis=1).astype(np.int64)
+    w = np.zeros((n, 2))
+    w[:, 0] = 1.0
+    return idx, w, np.zeros(n, dtype=np.int64)
+
+
+def _cubic_table(n_in: int, n_out: int):
+    """Tap indices into the 12-padded line (n_out, 4) and cubic B-spline weights (n_out, 4)."""
+    x = _source_coordinates(n_in, n_out) + _PAD
+    f = np.floor(x)
+    y = x - f
+    z = 1.0 - y
+    w = np.empty((n_out, 4))
+    w[:, 1] = (y * y * (y - 2.0) * 3.0 + 4.0) / 6.0
+    w[:, 2] = (z * z * (z - 2.0) * 3.0 + 4.0) / 6.0
+    w[:, 0] = z * z * z / 6.0
+    w[:, 3] = 1.0 - w[:, 0] - w[:, 1] - w[:, 2]
+    idx = f.astype(np.int64)[:, None] - 1 + np.arange(4)[None]
+    return idx, w
+
+
+def _axis_table(n_in: int, n_out: int, order: int):
+    """(idx, weights float32, pad) for one separable image pass of `order`."""
+    if order == 0:
+        return _nearest_table(n_in, n_out)[:, None], np.ones((n_out, 1), np.float32), 0
+    if order == 1:
+        idx, w, _ = _linear_table(n_in, n_out)
+        return idx, w.astype(np.float32), 0
+    idx, w = _cubic_table(n_in, n_out)
+    return idx, w.astype(np.float32), _PAD
+
+
+# ----------------------------------------------------------------------------- image kernels
+@njit(cache=True)
+def _prefilter_columns(buf):
+    """Cubic B-spline prefilter along axis 0 of buf (length, width), in place (scipy's
+    apply_filter with mirror initialisation, truncated where the pole's powers vanish)."""
+    n, m = buf.shape
+    z = np.float32(_POLE)
+    gain = np.float32(_GAIN)
+    for i in range(n):
+        for j in range(m):
+            buf[i, j] *= gain
+    first = np.zeros(m, dtype=np.float32)
+    zi = np.float32(1.0)
+    for i in range(min(n - 1, _INIT_TAPS)):
+        for j in range(m):
+            first[j] += zi * buf[i, j]
+        zi *= z
+    for j in range(m):
+        buf[0, j] = first[j]
+    for i in range(1, n):
+        for j in range(m):
+            buf[i, j] += z * buf[i - 1, j]
+    scale = z / (z * z - np.float32(1.0))
+    for j in range(m):
+        buf[n - 1, j] = (z * buf[n - 2, j] + buf[n - 1, j]) * scale
+    for i in range(n - 2, -1, -1):
+        for j in range(m):
+            buf[i, j] = z * (buf[i + 1, j] - buf[i, j])
+
+
+@njit(cache=True)
+def _prefilter_line(line):
+    n = line.shape[0]
+    z = np.float32(_POLE)
+    for i in range(n):
+        line[i] *= np.float32(_GAIN)
+    first = np.float32(0.0)
+    zi = np.float32(1.0)
+    for i in range(min(n - 1, _INIT_TAPS)):
+        first += zi * line[i]
+        zi *= z
+    line[0] = first
+    for i in range(1, n):
+        line[i] += z * line[i - 1]
+    line[n - 1] = (z * line[n - 2] + line[n - 1]) * (z / (z * z - np.float32(1.0)))
+    for i in range(n - 2, -1, -1):
+        line[i] = z * (line[i + 1] - line[i])
+
+
+@njit(cache=True, parallel=True)
+def _resample_last_axis(src, dst, idx, w, pad, lo, hi):
+    """src (rows, n_in) -> dst (rows, n_out) along axis 1; pad > 0: cubic (pad, prefilter)."""
+    rows, n_in = src.shape
+    n_out, taps = idx.shape
+    chunk = 64
+    for c in prange((rows + chunk - 1) // chunk):
+        line = np.empty(n_in + 2 * pad, dtype=np.float32)
+        for r in range(c * chunk, min(rows, (c + 1) * chunk)):
+            for i in range(n_in + 2 * pad):
+                line[i] = src[r, min(max(i - pad, 0), n_in - 1)]
+            if pad > 0:
+                _prefilter_line(line)
+            for k in range(n_out):
+                v = np.float32(0.0)
+                for t in range(taps):
+                    v += w[k, t] * line[idx[k, t]]
+                dst[r, k] = min(max(v, lo), hi)
+
+
+@njit(cache=True, parallel=True)
+def _resample_middle_axis(src, dst, idx, w, pad, lo, hi):
+    """src (outer, n_in, inner) -> dst (outer, n_out, inner) along axis 1, in tiles of the
+    contiguous inner axis so that every inner loop runs over contiguous memory."""
+    outer, n_in, inner = src.shape
+    n_out, taps = idx.shape
+    tiles_per_row = (inner + _TILE - 1) // _TILE
+    for tile in prange(outer * tiles_per_row):
+        o = tile // tiles_per_row
+        j0 = (tile % tiles_per_row) * _TILE
+        m = min(_TILE, inner - j0)
+        buf = np.empty((n_in + 2 * pad, m), dtype=np.float32)
+        for i in range(n_in + 2 * pad):
+            s = min(max(i - pad, 0), n_in - 1)
+            for j in range(m):
+                buf[i, j] = src[o, s, j0 + j]
+        if pad > 0:
+            _prefilter_columns(buf)
+        acc = np.empty(m, dtype=np.float32)
+        for k in range(n_out):
+            acc[:] = 0.0
+            for t in range(taps):
+                wt = w[k, t]
+                row = idx[k, t]
+                for j in range(m):
+                    acc[j] += wt * buf[row, j]
+            for j in range(m):
+                dst[o, k, j0 + j] = min(max(acc[j], lo), hi)
+
+
+def _resample_axis(src: np.ndarray, axis: int, n_out: int, order: int, out_dtype, lo=-np.inf, hi=np.inf):
+    """One separable pass of a C-contiguous 3-D array along `axis`, clipped to [lo, hi]."""
+    n0, n1, n2 = src.shape
+    idx, w, pad = _axis_table(src.shape[axis], n_out, order)
+    shape = list(src.shape)
+    shape[axis] = n_out
+    dst = np.empty(shape, dtype=out_dtype)
+    lo, hi = np.float32(lo), np.float32(hi)
+    if axis == 2:
+        _resample_last_axis(src.reshape(n0 * n1, n2), dst.reshape(n0 * n1, n_out), idx, w, pad, lo, hi)
+    elif axis == 1:
+        _resample_middle_axis(src, dst, idx, w, pad, lo, hi)
+    else:
+        _resample_middle_axis(src.reshape(1, n0, n1 * n2), dst.reshape(1, n_out, n1 * n2), idx, w, pad, lo, hi)
+    return dst
+
+
+def _resample_image(img: np.ndarray, new_shape, order: int, out_dtype, lo, hi, axes=(0, 1, 2)) -> np.ndarray:
+    """Resample the given axes of a 3-D image, separably; the last pass clips to [lo, hi] and
+    casts to out_dtype. Axes that shrink most go first (later passes then touch less data)."""
+    todo = [a for a in axes if img.shape[a] != new_shape[a]]
+    todo.sort(key=lambda a: new_shape[a] / img.shape[a])
+    if not todo:
+        return np.clip(img, lo, hi).astype(out_dtype)
+    cur = np.ascontiguousarray(img)
+    for n, a in enumerate(todo):
+        last = n == len(todo) - 1
+        cur = _resample_axis(cur, a, new_shape[a], order, out_dtype if last else np.float32,
+                             lo if last else -np.inf, hi if last else np.inf)
+    return cur
+
+
+# ----------------------------------------------------------------------------- segmentation kernels
+@njit(cache=True, parallel=True)
+def _gather_nearest(src, dst, i0, i1, i2):
+    for a in prange(dst.shape[0]):
+        for b in range(dst.shape[1]):
+            for c in range(dst.shape[2]):
+                dst[a, b, c] = src[i0[a], i1[b], i2[c]]
+
+
+@njit(cache=True, parallel=True)
+def _seg_linear_argmax(src, dst, idx0, w0, nn0, idx1, w1, nn1, idx2, w2, nn2):
+    """Per voxel: order-1 indicator of every label among its 8 neighbours (float64, scipy's
+    corner order and weights), clip to 1, largest wins; exact ties go to the nearest neighbour's
+    label if it is tied, else to the smallest tied label (batchgenerators seg_tiebreak='nearest')."""
+    n0, n1, n2 = dst.shape
+    for ab in prange(n0 * n1):
+        a = ab // n1
+        b = ab % n1
+        labels = np.empty(8, dtype=src.dtype)
+        scores = np.empty(8, dtype=np.float64)
+        corner = np.empty(8, dtype=src.dtype)
+        for c in range(n2):
+            first = src[idx0[a, 0], idx1[b, 0], idx2[c, 0]]
+            same = True
+            for p in range(2):
+                for q in range(2):
+                    for r in range(2):
+                        v = src[idx0[a, p], idx1[b, q], idx2[c, r]]
+                        corner[p * 4 + q * 2 + r] = v
+                        if v != first:
+                            same = False
+            if same:
+                dst[a, b, c] = first
+                continue
+            nl = 0
+            for p in range(2):
+                for q in range(2):
+                    for r in range(2):
+                        v = corner[p * 4 + q * 2 + r]
+                        coeff = (w0[a, p] * w1[b, q]) * w2[c, r]
+                        s = 0
+                        while s < nl and labels[s] != v:
+                            s += 1
+                        if s == nl:
+                            labels[s] = v
+                            scores[s] = 0.0
+                            nl += 1
+                        scores[s] += coeff
+            best = -1.0
+            win = labels[0]
+            for s in range(nl):
+                sc = min(scores[s], 1.0)
+                scores[s] = sc
+                if sc > best or (sc == best and labels[s] < win):
+                    best = sc
+                    win = labels[s]
+            nn = corner[nn0[a] * 4 + nn1[b] * 2 + nn2[c]]
+            for s in range(nl):
+                if labels[s] == nn and scores[s] == best and best > 0.0:
+                    win = nn
+            dst[a, b, c] = win
+
+
+@njit(cache=True, parallel=True)
+def _seg_linear_threshold_axis0(src, dst, idx, w):
+    """nnU-Net's separate-z rule along axis 0 of (n_in, m) -> (n_out, m): the largest label whose
+    interpolated indicator exceeds 0.5, else 0."""
+    n_out, m = dst.shape
+    for k in prange(n_out):
+        i0, i1 = idx[k, 0], idx[k, 1]
+        a, b = w[k, 0], w[k, 1]
+        for j in range(m):
+            lab0 = src[i0, j]
+            lab1 = src[i1, j]
+            if lab0 == lab1:
+                dst[k, j] = lab0 if a + b > 0.5 else 0
+            elif a > 0.5 and (b <= 0.5 or lab0 > lab1):
+                dst[k, j] = lab0
+            elif b > 0.5:
+                dst[k, j] = lab1
+            else:
+                dst[k, j] = 0
+
+
+def _resample_seg(seg: np.ndarray, new_shape, order: int, sep_axis: Union[int, None], out_dtype) -> np.ndarray:
+    """Order 0 or 1 over all axes, or (sep_axis given) in-plane only."""
+    shape = seg.shape
+    in_plane = [a for a in range(3) if a != sep_axis]
+    target = [new_shape[a] if a in in_plane else shape[a] for a in range(3)]
+    dst = np.empty(target, dtype=out_dtype)
+    if order == 0:
+        tables = [_nearest_table(shape[a], target[a]) if a in in_plane else np.arange(shape[a]) for a in range(3)]
+        _gather_nearest(seg, dst, *tables)
+        return dst
+    tables = []
+    for a in range(3):
+        tables += _linear_table(shape[a], target[a]) if a in in_plane else _identity_linear_table(shape[a])
+    _seg_linear_argmax(seg, dst, *tables)
+    return dst
+
+
+def _resample_seg_along(seg: np.ndarray, axis: int, n_out: int, order_z: int) -> np.ndarray:
+    """The low-resolution axis of the separate-z path (map_coordinates, mode 'nearest')."""
+    moved = np.ascontiguousarray(np.moveaxis(seg, axis, 0))
+    flat = moved.reshape(moved.shape[0], -1)
+    if order_z == 0:
+        out = flat[_nearest_table(flat.shape[0], n_out)]
+    else:
+        idx, w, _ = _linear_table(flat.shape[0], n_out)
+        out = np.empty((n_out, flat.shape[1]), dtype=seg.dtype)
+        _seg_linear_threshold_axis0(flat, out, idx, w)
+    return np.ascontiguousarray(np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis))
+
+
+# ----------------------------------------------------------------------------- public function
+def _configure_threads() -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if multiprocessing.parent_process() is None:
+        wanted = cores
+    else:  # one of nnU-Net's pool workers: share the cores with the other workers
+        from nnunetv2.configuration import default_num_processes
+        wanted = max(1, cores // max(1, default_num_processes))
+    numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _channel(data_c: np.ndarray, new_shape, is_seg: bool, order: int, order_z: int,
+             do_separate_z: bool, axis, out_dtype) -> np.ndarray:
+    if is_seg:
+        if data_c.size == 0:
+            return np.zeros(new_shape, dtype=out_dtype)
+        src = np.ascontiguousarray(data_c)
+        if not do_separate_z:
+            return _resample_seg(src, new_shape, order, None, out_dtype)
+        out = _resample_seg(src, new_shape, order, axis, out_dtype)
+        if out.shape[axis] != new_shape[axis]:
+            out = _resample_seg_along(out, axis, new_shape[axis], order_z)
+        return out
+    if not do_separate_z:
+        lo, hi = data_c.min(), data_c.max()
+        return _resample_image(data_c, new_shape, order, out_dtype, lo, hi)
+    # separate z: in-plane resampling clipped per slice (skimage resizes each slice on its own)
+    in_plane = tuple(a for a in range(3) if a != axis)
+    lo = data_c.min(axis=in_plane).astype(np.float32)
+    hi = data_c.max(axis=in_plane).astype(np.float32)
+    plane = _resample_image(data_c, new_shape, order, np.float32, -np.inf, np.inf, axes=in_plane)
+    view = [None, None, None]
+    view[axis] = slice(None)
+    np.clip(plane, lo[tuple(view)], hi[tuple(view)], out=plane)
+    if plane.shape[axis] == new_shape[axis]:
+        return plane.astype(out_dtype, copy=False)
+    return _resample_image(plane, new_shape, order_z, out_dtype, -np.inf, np.inf, axes=(axis,))
+
+
+def resample_data_or_seg_to_shape_numba(data: Union[torch.Tensor, np.ndarray],
+                                        new_shape: Union[Tuple[int, ...], List[int], np.ndarray],
+                                        current_spacing: Union[Tuple[float, ...], List[float], np.ndarray],
+                                        new_spacing: Union[Tuple[float, ...], List[float], np.ndarray],
+                                        is_seg: bool = False, order: int = 3, order_z: int = 0,
+                                        force_separate_z: Union[bool, None] = None,
+                                        separate_z_anisotropy_threshold: float = ANISO_THRESHOLD):
+    """Drop-in for nnU-Net's `resample_data_or_seg_to_shape`: `data` (C, Z, Y, X) numpy array or
+    CPU tensor -> numpy array of shape (C, *new_shape) in data's dtype (data itself when the shape
+    does not change). Same separate-z decision; see the module docstring for the maths."""
+    if isinstance(data, torch.Tensor):
+        data = data.cpu().numpy()
+    assert data.ndim == 4, "data must be c x y z"
+    new_shape = tuple(int(i) for i in new_shape)
+    assert len(new_shape) == 3, f"new_shape must have 3 entries, got {new_shape}"
+    if order not in (0, 1, 3) or order_z not in (0, 1) or (is_seg and order == 3):
+        return resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, is_seg, order,
+                                             order_z, force_separate_z, separate_z_anisotropy_threshold)
+    if tuple(data.shape[1:]) == new_shape:
+        return data
+    do_separate_z, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing,
+                                                      separate_z_anisotropy_threshold)
+    _configure_threads()
+    out = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
+    for c in range(data.shape[0]):
+        out[c] = _channel(data[c], new_shape, is_seg, order, order_z, do_separate_z, axis, data.dtype)
+    return out
