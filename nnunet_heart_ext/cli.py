@@ -1,12 +1,70 @@
-"""`nnunet-heart`: the extension's command line (phantom, prepare, export)."""
+"""`nnunet-heart`: the extension's command line (phantom, prepare, export).
+
+    nnunet-heart phantom --out DIR [--train 8] [--test 4] [--seed 0] [--full-size]
+    nnunet-heart prepare --src DIR [--test-dir DIR] [--link] [--raw DIR] [--dataset Dataset100_Heart]
+    nnunet-heart export  --pred DIR --images DIR --out predict.zip
+
+Invalid input is reported one problem per line, each naming its file, with exit status 1 and
+nothing written. The subcommands' modules are imported only when run (no torch at all).
+"""
 import argparse
 import sys
 
 
+def _phantom(args):
+    from nnunet_heart_ext.phantom import make_phantom
+    make_phantom(args.out, n_train=args.train, n_test=args.test, seed=args.seed, full_size=args.full_size)
+
+
+def _prepare(args):
+    from nnunet_heart_ext.prepare import prepare
+    prepare(args.src, raw_root=args.raw, dataset_name=args.dataset, test_dir=args.test_dir, link=args.link)
+
+
+def _export(args):
+    from nnunet_heart_ext.export import export
+    export(args.pred, args.images, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export}")
+
+    p = sub.add_parser("phantom", help="write a synthetic heart CT dataset in the organizer's layout")
+    p.add_argument("--out", required=True, help="folder to create (new, empty, or an earlier phantom)")
+    p.add_argument("--train", type=int, default=8, help="training cases (patient0001...; default 8)")
+    p.add_argument("--test", type=int, default=4, help="test cases, numbered after the training ones (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same files (default 0)")
+    p.add_argument("--full-size", action="store_true", help="512 x 512 x ~300 cases like the real data "
+                                                            "(default: small cases for CPU training)")
+    p.set_defaults(run=_phantom)
+
+    p = sub.add_parser("prepare", help="organizer layout -> $nnUNet_raw/Dataset100_Heart (checked first)")
+    p.add_argument("--src", required=True, help="folder holding training_image1..3/, training_label/ "
+                                                "and usually testing_image/")
+    p.add_argument("--test-dir", help="test images folder if it is not beside the training folders")
+    p.add_argument("--link", action="store_true", help="symbolic links instead of copies")
+    p.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--dataset", default="Dataset100_Heart", help="dataset folder name (default Dataset100_Heart)")
+    p.set_defaults(run=_prepare)
+
+    p = sub.add_parser("export", help="nnU-Net predictions -> flat predict.zip of patientNNNN_predict.nii.gz")
+    p.add_argument("--pred", required=True, help="nnUNetv2_predict output folder")
+    p.add_argument("--images", required=True, help="the test images predicted (imagesTs or testing_image)")
+    p.add_argument("--out", required=True, help="zip to write, e.g. predict.zip")
+    p.set_defaults(run=_export)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
-    parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from nnunet_heart_ext.io import DatasetError
+    try:
+        args.run(args)
+    except DatasetError as e:
+        print(f"nnunet-heart {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

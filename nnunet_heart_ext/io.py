@@ -1,0 +1,166 @@
+"""NIfTI checks and atomic writes shared by `phantom`, `prepare` and `export`.
+
+Everything here takes and returns plain paths, SimpleITK images and numpy arrays. Files are
+always written to a hidden temporary name in the destination folder and then moved into place
+with `os.replace`, so a reader never sees half a file and an interrupted run leaves no partial
+output under the final name.
+"""
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+LABELS = {"background": 0, "myocardium": 1, "aortic_valve": 2, "calcification": 3}
+IMAGE_NAME = re.compile(r"^patient(\d{4})\.nii\.gz$")  # organizer image: patient0001.nii.gz
+LABEL_NAME = re.compile(r"^patient(\d{4})_gt\.nii\.gz$")  # organizer label: patient0001_gt.nii.gz
+
+
+class DatasetError(Exception):
+    """Invalid input. `problems` holds one line per problem, each naming its file."""
+
+    def __init__(self, problems: Sequence[str], what: str = "input"):
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the {what}; nothing was written:\n"
+                         + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class Geometry(NamedTuple):
+    """Voxel grid of a file, in SimpleITK's (x, y, z) order."""
+    dimension: int
+    components: int
+    size: tuple
+    spacing: tuple
+    origin: tuple
+    direction: tuple
+
+
+def _sitk_message(error: Exception) -> str:
+    """SimpleITK errors carry a C++ trace; the last 'sitk::ERROR' line is the useful part."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "ERROR" in line:
+            return line.split("ERROR:", 1)[-1].strip()
+    return lines[-1] if lines else type(error).__name__
+
+
+def read_geometry(path: Path) -> Geometry:
+    """Header only (fast): raises ValueError with a readable message if the file is not an image."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ValueError(f"not a readable NIfTI file ({_sitk_message(e)})") from None
+    return Geometry(reader.GetDimension(), reader.GetNumberOfComponents(), tuple(reader.GetSize()),
+                    tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+
+
+def read_image(path: Path) -> sitk.Image:
+    """Whole file (proves the compressed data is complete); ValueError if it is not readable."""
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise ValueError(f"not a readable NIfTI file ({_sitk_message(e)})") from None
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    return Geometry(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), tuple(image.GetSize()),
+                    tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+
+def volume_problem(geometry: Geometry) -> Optional[str]:
+    """nnU-Net's CT channel must be a 3D scalar volume."""
+    if geometry.dimension != 3:
+        return f"is {geometry.dimension}D (size {geometry.size}), expected a 3D volume"
+    if geometry.components != 1:
+        return f"has {geometry.components} channels per voxel, expected 1"
+    return None
+
+
+def geometry_mismatches(a: Geometry, b: Geometry) -> List[str]:
+    """Differences in size, spacing, origin, direction (tolerance as nnU-Net's np.allclose checks,
+    with a small absolute floor because headers store float32)."""
+    out = []
+    if a.size != b.size:
+        out.append(f"size {b.size} != {a.size}")
+    for name in ("spacing", "origin", "direction"):
+        va, vb = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        if va.shape != vb.shape or not np.allclose(va, vb, rtol=1e-5, atol=1e-5):
+            out.append(f"{name} {tuple(round(float(v), 5) for v in vb)} != "
+                       f"{tuple(round(float(v), 5) for v in va)}")
+    return out
+
+
+def label_values_problem(array: np.ndarray) -> Optional[str]:
+    """None if every voxel holds a label value 0-3, else which values are wrong."""
+    allowed = sorted(LABELS.values())
+    if array.size == 0:
+        return "is empty"
+    if np.issubdtype(array.dtype, np.integer) and allowed[0] <= array.min() and array.max() <= allowed[-1]:
+        return None  # fast path; 0..3 is contiguous
+    bad = array[~np.isin(array, allowed)]
+    if bad.size == 0:
+        return None
+    values = np.unique(bad)
+    shown = ", ".join(f"{v:g}" for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
+    return f"has label values outside {allowed}: {shown} ({bad.size} voxels)"
+
+
+def _temp_path(final: Path) -> Path:
+    """Hidden temporary name next to `final` (same file system, so os.replace is atomic). It ends
+    like `final`, since SimpleITK picks the writer by extension. Not created here, so the file gets
+    the usual permissions (mkstemp would make it private)."""
+    return final.parent / f".tmp-{uuid.uuid4().hex[:12]}-{final.name}"
+
+
+def replace_atomically(write, final: Path) -> Path:
+    """Call write(temporary path), then move the result to `final`; on any error remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(final)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def write_image(image: sitk.Image, path: Path) -> Path:
+    """Atomic sitk.WriteImage (gzip-compressed for .nii.gz)."""
+    return replace_atomically(lambda tmp: sitk.WriteImage(image, str(tmp), True), Path(path))
+
+
+def write_text(text: str, path: Path) -> Path:
+    return replace_atomically(lambda tmp: tmp.write_text(text), Path(path))
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    """Atomic copy keeping the modification time (so an unchanged source is recognised later)."""
+    return replace_atomically(lambda tmp: shutil.copy2(src, tmp), Path(dst))
+
+
+def link_file(src: Path, dst: Path) -> Path:
+    """Atomic symbolic link dst -> absolute src (replaces whatever dst was)."""
+    dst = Path(dst)
+
+    def write(tmp):
+        os.symlink(Path(src).resolve(), tmp)
+
+    return replace_atomically(write, dst)
+
+
+def up_to_date(src: Path, dst: Path, link: bool) -> bool:
+    """True if dst already is what copy_file/link_file would make of src."""
+    if link:
+        return dst.is_symlink() and Path(os.readlink(dst)) == Path(src).resolve()
+    if dst.is_symlink() or not dst.is_file():
+        return False
+    s, d = Path(src).stat(), dst.stat()
+    return s.st_size == d.st_size and s.st_mtime_ns == d.st_mtime_ns
