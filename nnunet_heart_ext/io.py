@@ -5,10 +5,12 @@ always written to a hidden temporary name in the destination folder and then mov
 with `os.replace`, so a reader never sees half a file and an interrupted run leaves no partial
 output under the final name.
 """
+import gzip
 import os
 import re
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence
 
@@ -61,11 +63,26 @@ def read_geometry(path: Path) -> Geometry:
 
 
 def read_image(path: Path) -> sitk.Image:
-    """Whole file (proves the compressed data is complete); ValueError if it is not readable."""
+    """Whole file; ValueError if it is not readable or its compressed data is cut short (ITK
+    silently fills a truncated .nii.gz with zeros, so the gzip stream is checked here)."""
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise ValueError(f"not a readable NIfTI file ({_sitk_message(e)})") from None
+    if str(path).endswith(".gz"):
+        voxel_bytes = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * \
+            sitk.GetArrayViewFromImage(image).itemsize
+        total = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    total += len(chunk)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"compressed data is incomplete or corrupt ({e})") from None
+        if total < 348 + voxel_bytes:  # NIfTI header + voxels
+            raise ValueError(f"file is shorter than its header says ({total} of at least "
+                             f"{348 + voxel_bytes} bytes)")
+    return image
 
 
 def geometry_of(image: sitk.Image) -> Geometry:
