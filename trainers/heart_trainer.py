@@ -4,7 +4,11 @@ Everything not overridden here is nnU-Net's own `nnUNetTrainer` (data loading, a
 schedule, validation, checkpoints), so results stay comparable with plain nnU-Net.
 """
 import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_heart_ext.kernels.fused_dice_ce import FusedDiceCELoss
 
 
 class HeartTrainer(nnUNetTrainer):
@@ -14,3 +18,25 @@ class HeartTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+
+    def _build_loss(self):
+        """nnU-Net's loss exactly as nnUNetTrainer builds it (settings, deep-supervision weights),
+        with its Dice + CE swapped for the fused kernel of the same settings (same value and
+        gradient, a fraction of the memory traffic). Region-based training keeps nnU-Net's."""
+        loss = super()._build_loss()
+        wrapped = isinstance(loss, DeepSupervisionWrapper)
+        inner = loss.loss if wrapped else loss
+        if not isinstance(inner, DC_and_CE_loss):
+            return loss
+        fused = FusedDiceCELoss.from_nnunet(inner)
+        if wrapped:
+            loss.loss = fused
+            return loss
+        return fused
+
+
+class HeartTrainer_nnUNetLoss(HeartTrainer):
+    """HeartTrainer with nnU-Net's own loss (DC_and_CE_loss), to compare the two on one run."""
+
+    def _build_loss(self):
+        return nnUNetTrainer._build_loss(self)
