@@ -6,13 +6,15 @@ Semantics (every path)
                      2D: 4 or 8. None means full connectivity (26 in 3D, 8 in 2D), which is what
                      nnU-Net uses (skimage's `label` with connectivity=None).
     label            int32 array, 0 on background, components numbered 1..n in C raster order
-                     of their first voxel (cc3d's order too, so both paths give equal arrays).
+                     of their first voxel, on both paths (equal arrays; skimage's order too).
+                     A 2D image runs as a volume of one slice (4 -> 6, 8 -> 18 neighbours).
     keep largest     every component whose voxel count equals the largest one is kept (ties
                      keep all of them, as acvl_utils' `remove_all_but_largest_component` does);
                      an empty mask gives an all-False mask.
     device           numpy arrays and CPU tensors run on the CPU with cc3d; CUDA tensors run the
-                     Triton kernels below and stay on the GPU. Results come back as the input's
-                     type (numpy -> numpy, tensor -> tensor on the same device).
+                     Triton kernels below and stay on the GPU (under TRITON_INTERPRET=1, as in
+                     the tests, CPU tensors run them too, interpreted). Results come back as the
+                     input's type (numpy -> numpy, tensor -> tensor on the same device).
 
 Reference maths of the GPU path (union-find over linear voxel indices, lock-free)
     parent[i] = i
@@ -141,23 +143,21 @@ def _relabel_kernel(mask_ptr, parent_ptr, labels_ptr, numel, BLOCK: tl.constexpr
 def label_triton(mask: torch.Tensor, connectivity: int = None):
     """`label` with the Triton kernels on the tensor's device (CUDA, or the CPU when
     TRITON_INTERPRET=1, as in the tests). Returns (int32 labels tensor, n)."""
-    if not mask.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not _runs_triton(mask):
         raise ValueError("label_triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
-    connectivity = _check_connectivity(mask.ndim, connectivity)
+    neighbours = _neighbours_3d(mask.ndim, connectivity)
     numel = mask.numel()
     if numel >= 2**31 - BLOCK:
         raise ValueError(f"label_triton: {numel} voxels exceed the int32 index range")
     shape = mask.shape
-    volume = (mask != 0).view(torch.uint8).reshape((1,) * (3 - mask.ndim) + tuple(shape))
+    volume = (mask != 0).view(torch.uint8).reshape(_as_3d(shape))
     _, H, W = volume.shape
-    if mask.ndim == 2:  # a 2D image is a 3D volume of one slice: 4 -> 6, 8 -> 18 (26 is the same)
-        connectivity = {4: 6, 8: 18}[connectivity]
     labels = torch.zeros(shape, dtype=torch.int32, device=mask.device)
     if numel == 0:
         return labels, 0
     parent = torch.arange(numel, dtype=torch.int32, device=mask.device)
     grid = (triton.cdiv(numel, BLOCK),)
-    _merge_kernel[grid](volume, parent, numel, H, W, CONNECTIVITY=connectivity, BLOCK=BLOCK)
+    _merge_kernel[grid](volume, parent, numel, H, W, CONNECTIVITY=neighbours, BLOCK=BLOCK)
     _compress_kernel[grid](volume, parent, labels, numel, BLOCK=BLOCK)
     flat = labels.view(-1)
     flat.cumsum_(0)
@@ -176,23 +176,25 @@ def _keep_largest_torch(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- CPU (cc3d)
-def _cc3d_connectivity(shape, connectivity: int) -> int:
+def _cc3d(mask: np.ndarray, neighbours: int, **kwargs):
+    """cc3d on `mask` seen as a volume (cc3d numbers 2D 8-connected components out of raster
+    order, but a one-slice volume in raster order)."""
+    volume = mask.reshape(_as_3d(mask.shape))
     # On a line (at most one axis longer than 1) every connectivity is face connectivity, and
-    # cc3d 4.1 fails ("maximum length exception") on such 3D volumes with 26-connectivity.
-    if len(shape) == 3 and sum(s > 1 for s in shape) <= 1:
-        return 6
-    return connectivity
+    # cc3d 4.1 fails ("maximum length exception") on such volumes with 26-connectivity.
+    if sum(s > 1 for s in volume.shape) <= 1:
+        neighbours = 6
+    labels, n = cc3d.connected_components(volume, connectivity=neighbours, return_N=True, **kwargs)
+    return labels.reshape(mask.shape), int(n)
 
 
-def _label_cc3d(mask: np.ndarray, connectivity: int):
-    labels, n = cc3d.connected_components(mask, connectivity=_cc3d_connectivity(mask.shape, connectivity),
-                                          return_N=True, out_dtype=np.uint32)
-    return labels.view(np.int32), int(n)
+def _label_cc3d(mask: np.ndarray, neighbours: int):
+    labels, n = _cc3d(mask, neighbours, out_dtype=np.uint32)
+    return labels.view(np.int32), n
 
 
-def _keep_largest_cc3d(mask: np.ndarray, connectivity: int) -> np.ndarray:
-    labels, n = cc3d.connected_components(mask, connectivity=_cc3d_connectivity(mask.shape, connectivity),
-                                          return_N=True)
+def _keep_largest_cc3d(mask: np.ndarray, neighbours: int) -> np.ndarray:
+    labels, n = _cc3d(mask, neighbours)
     if n == 0:
         return np.zeros(mask.shape, dtype=bool)
     sizes = np.bincount(labels[mask], minlength=n + 1)  # the foreground only: a few % of voxels
@@ -206,26 +208,25 @@ def _keep_largest_cc3d(mask: np.ndarray, connectivity: int) -> np.ndarray:
 def label(mask, connectivity: int = None):
     """Connected components of `mask != 0`: (labels, n), labels int32 with 0 on background and
     1..n numbered in raster order. `connectivity`: 6, 18 or 26 in 3D, 4 or 8 in 2D, None = full.
-    CUDA tensors run on the GPU; numpy arrays and CPU tensors on the CPU (cc3d)."""
+    CUDA tensors run on the GPU (Triton); numpy arrays and CPU tensors on the CPU (cc3d)."""
     if isinstance(mask, torch.Tensor):
-        if mask.is_cuda:
+        if _runs_triton(mask):
             return label_triton(mask, connectivity)
         labels, n = label(mask.numpy(), connectivity)
         return torch.from_numpy(labels), n
     mask = _as_bool_mask(mask)
-    connectivity = _check_connectivity(mask.ndim, connectivity)
-    return _label_cc3d(mask, connectivity)
+    return _label_cc3d(mask, _neighbours_3d(mask.ndim, connectivity))
 
 
 def remove_all_but_largest_component(binary_image, connectivity: int = None):
     """Boolean mask of the largest connected component(s) of `binary_image != 0`; on a tie
     every component of the largest size is kept. Same devices and connectivity as `label`."""
     if isinstance(binary_image, torch.Tensor):
-        if binary_image.is_cuda:
+        if _runs_triton(binary_image):
             return _keep_largest_torch(*label_triton(binary_image, connectivity))
         return torch.from_numpy(remove_all_but_largest_component(binary_image.numpy(), connectivity))
     mask = _as_bool_mask(binary_image)
-    return _keep_largest_cc3d(mask, _check_connectivity(mask.ndim, connectivity))
+    return _keep_largest_cc3d(mask, _neighbours_3d(mask.ndim, connectivity))
 
 
 def remove_all_but_largest_component_from_segmentation(segmentation, labels_or_regions,
@@ -251,6 +252,10 @@ def remove_all_but_largest_component_from_segmentation(segmentation, labels_or_r
     return ret
 
 
+def _runs_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _as_bool_mask(mask) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.dtype != bool:
@@ -258,12 +263,18 @@ def _as_bool_mask(mask) -> np.ndarray:
     return np.ascontiguousarray(mask)  # C order: cc3d numbers components in memory order
 
 
-def _check_connectivity(ndim: int, connectivity) -> int:
+def _neighbours_3d(ndim: int, connectivity) -> int:
+    """The validated connectivity as 3D neighbours: a 2D image is a volume of one slice, where
+    4 is 6 and 8 is 18."""
     if ndim not in VALID_CONNECTIVITY:
         raise ValueError(f"connected components need a 2D or 3D array, got {ndim} dimensions")
     if connectivity is None:
-        return FULL_CONNECTIVITY[ndim]
+        connectivity = FULL_CONNECTIVITY[ndim]
     if connectivity not in VALID_CONNECTIVITY[ndim]:
         raise ValueError(f"connectivity {connectivity!r} is not valid in {ndim}D; "
                          f"use one of {VALID_CONNECTIVITY[ndim]} (or None for full connectivity)")
-    return int(connectivity)
+    return {4: 6, 8: 18}.get(int(connectivity), int(connectivity))
+
+
+def _as_3d(shape) -> tuple:
+    return (1,) * (3 - len(shape)) + tuple(shape)
