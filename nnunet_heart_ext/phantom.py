@@ -10,7 +10,7 @@ on the case's voxel grid, so structures keep their physical size whatever the sp
     left ventricle: blood pool (contrast 300-450 HU) inside a myocardium shell (100-150 HU,  label 1)
     LV outflow tract -> aortic root: blood; aortic valve where they meet: annulus ring and three
         cusps bulging toward the ventricle, ~150 HU                                          (label 2)
-    calcifications: 1-4 tiny blobs of 650-1100 HU on the valve, in about a third of the cases (label 3)
+    calcifications: 1-4 tiny blobs of 800-1300 HU on the valve, in about a third of the cases (label 3)
     + Gaussian noise (15-30 HU); small random shift, rotation and size of the heart per case.
 
 Default cases are small for CPU training: ~112-128 x 112-128 in-plane at 1.2-1.6 mm, ~50-75 slices.
@@ -83,6 +83,25 @@ class _Box:
     def tube(self, start, axis, radius, length) -> np.ndarray:
         w, p, q = self.local(start, _frame(axis))
         return (w >= 0) & (w <= length) & (p * p + q * q <= radius * radius)
+
+
+def _blur(img: np.ndarray, weight: float = 0.18) -> np.ndarray:
+    """Scanner resolution and partial volume: a [w, 1-2w, w] kernel along each axis (a Gaussian of
+    sigma sqrt(2w) ~ 0.6 voxel), edges repeated, in place. Blends label borders with their
+    neighbours, so foreground intensities spread the way they do in real scans."""
+    w = np.float32(weight)
+    for axis in range(img.ndim):
+        a = np.moveaxis(img, axis, 0)  # a view: the updates below land in img
+        if a.shape[0] < 2:
+            continue
+        neighbours = np.empty_like(a)
+        np.add(a[:-2], a[2:], out=neighbours[1:-1])
+        np.add(a[0], a[1], out=neighbours[0])
+        np.add(a[-1], a[-2], out=neighbours[-1])
+        neighbours *= w
+        a *= 1 - 2 * w
+        a += neighbours
+    return img
 
 
 def _case_grid(rng, anisotropic: bool, full_size: bool):
@@ -176,8 +195,9 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     img[box.slices][blood] = contrast
     lab[box.slices][myocardium] = 1
 
-    # aortic valve: annulus ring plus three cusps bulging toward the ventricle; thick enough to
-    # span at least two voxels at the case's in-plane spacing
+    # aortic valve: annulus ring plus three cusps bulging toward the ventricle. The label is drawn
+    # thick enough to span two voxels at the case's in-plane spacing; the tissue inside it is
+    # thinner, so (as in real annotations) the label also covers contrast blood around the leaflets
     thickness = max(2.0, 2.2 * spacing[1])
     depth = 0.45 * ao_r
     vbox = _Box(shape, spacing, valve_at, np.full(3, ao_r + 3 * thickness + 4))
@@ -185,13 +205,14 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     w, p, q = vbox.local(valve_at, valve_frame)
     r = np.sqrt(p * p + q * q)
     cusp_surface = -depth * (1 - np.minimum(r / ao_r, 1) ** 2)
-    leaflets = (np.abs(w - cusp_surface) <= thickness / 2) & (r <= ao_r)
+    from_cusp = np.abs(w - cusp_surface)
+    leaflets = (from_cusp <= thickness / 2) & (r <= ao_r)
     angle = np.arctan2(q, p) - rng.uniform(0, 2 * np.pi / 3)
     commissures = (np.abs(r * np.sin(3 * angle / 2)) <= thickness / 2) & (r <= ao_r) \
         & (w >= cusp_surface) & (w <= cusp_surface + 1.5 * thickness)  # where the cusps meet (Y shape)
     ring = (r - ao_r) ** 2 + w ** 2 <= (0.9 * thickness) ** 2
     valve = leaflets | commissures | ring
-    img[vbox.slices][valve] = rng.uniform(130.0, 180.0)
+    img[vbox.slices][(from_cusp <= 0.3 * thickness) & (r <= ao_r) | ring] = rng.uniform(130.0, 180.0)
     lab[vbox.slices][valve] = 2
 
     # calcifications: tiny bright blobs at the cusps' bases, at least ~one voxel across on every axis
@@ -204,9 +225,10 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
             semi = [max(radius, 0.8 * s) for s in spacing]
             cbox = _Box(shape, spacing, at, np.array(semi) + 1)
             blob = cbox.ellipsoid(at, np.eye(3), semi)
-            img[cbox.slices][blob] = rng.uniform(650.0, 1100.0)
+            img[cbox.slices][blob] = rng.uniform(800.0, 1300.0)
             lab[cbox.slices][blob] = 3
 
+    img = _blur(img)
     img += rng.standard_normal(shape, dtype=np.float32) * np.float32(rng.uniform(15.0, 30.0))
     return np.clip(np.rint(img), -1024, 3071).astype(np.int16), lab, tuple(float(s) for s in spacing)
 
