@@ -149,43 +149,33 @@ def _prefilter_columns(buf):
             buf[i, j] = z * (buf[i + 1, j] - buf[i, j])
 
 
-@njit(cache=True)
-def _prefilter_line(line):
-    n = line.shape[0]
-    z = np.float32(_POLE)
-    for i in range(n):
-        line[i] *= np.float32(_GAIN)
-    first = np.float32(0.0)
-    zi = np.float32(1.0)
-    for i in range(min(n - 1, _INIT_TAPS)):
-        first += zi * line[i]
-        zi *= z
-    line[0] = first
-    for i in range(1, n):
-        line[i] += z * line[i - 1]
-    line[n - 1] = (z * line[n - 2] + line[n - 1]) * (z / (z * z - np.float32(1.0)))
-    for i in range(n - 2, -1, -1):
-        line[i] = z * (line[i + 1] - line[i])
-
-
 @njit(cache=True, parallel=True)
 def _resample_last_axis(src, dst, idx, w, pad, lo, hi):
-    """src (rows, n_in) -> dst (rows, n_out) along axis 1; pad > 0: cubic (pad, prefilter)."""
+    """src (rows, n_in) -> dst (rows, n_out) along axis 1; pad > 0: cubic (pad, prefilter).
+    Groups of rows are transposed into a small buffer so that the recursion and the taps run
+    across rows (vectorised) instead of along one line (a serial dependency chain)."""
     rows, n_in = src.shape
     n_out, taps = idx.shape
-    chunk = 64
-    for c in prange((rows + chunk - 1) // chunk):
-        line = np.empty(n_in + 2 * pad, dtype=np.float32)
-        for r in range(c * chunk, min(rows, (c + 1) * chunk)):
+    group = 16
+    for g in prange((rows + group - 1) // group):
+        r0 = g * group
+        m = min(group, rows - r0)
+        buf = np.empty((n_in + 2 * pad, m), dtype=np.float32)
+        for j in range(m):
             for i in range(n_in + 2 * pad):
-                line[i] = src[r, min(max(i - pad, 0), n_in - 1)]
-            if pad > 0:
-                _prefilter_line(line)
+                buf[i, j] = src[r0 + j, min(max(i - pad, 0), n_in - 1)]
+        if pad > 0:
+            _prefilter_columns(buf)
+        out = np.zeros((n_out, m), dtype=np.float32)
+        for k in range(n_out):
+            for t in range(taps):
+                wt = w[k, t]
+                row = idx[k, t]
+                for j in range(m):
+                    out[k, j] += wt * buf[row, j]
+        for j in range(m):
             for k in range(n_out):
-                v = np.float32(0.0)
-                for t in range(taps):
-                    v += w[k, t] * line[idx[k, t]]
-                dst[r, k] = min(max(v, lo), hi)
+                dst[r0 + j, k] = min(max(out[k, j], lo), hi)
 
 
 @njit(cache=True, parallel=True)
@@ -218,13 +208,16 @@ def _resample_middle_axis(src, dst, idx, w, pad, lo, hi):
                 dst[o, k, j0 + j] = min(max(acc[j], lo), hi)
 
 
-def _resample_axis(src: np.ndarray, axis: int, n_out: int, order: int, out_dtype, lo=-np.inf, hi=np.inf):
-    """One separable pass of a C-contiguous 3-D array along `axis`, clipped to [lo, hi]."""
+def _resample_axis(src: np.ndarray, axis: int, n_out: int, order: int, dst: np.ndarray = None,
+                   lo=-np.inf, hi=np.inf):
+    """One separable pass of a C-contiguous float32 3-D array along `axis`, clipped to [lo, hi],
+    into `dst` (C-contiguous float32) or a new array."""
     n0, n1, n2 = src.shape
     idx, w, pad = _axis_table(src.shape[axis], n_out, order)
-    shape = list(src.shape)
-    shape[axis] = n_out
-    dst = np.empty(shape, dtype=out_dtype)
+    if dst is None:
+        shape = list(src.shape)
+        shape[axis] = n_out
+        dst = np.empty(shape, dtype=np.float32)
     lo, hi = np.float32(lo), np.float32(hi)
     if axis == 2:
         _resample_last_axis(src.reshape(n0 * n1, n2), dst.reshape(n0 * n1, n_out), idx, w, pad, lo, hi)
@@ -235,19 +228,25 @@ def _resample_axis(src: np.ndarray, axis: int, n_out: int, order: int, out_dtype
     return dst
 
 
-def _resample_image(img: np.ndarray, new_shape, order: int, out_dtype, lo, hi, axes=(0, 1, 2)) -> np.ndarray:
-    """Resample the given axes of a 3-D image, separably; the last pass clips to [lo, hi] and
-    casts to out_dtype. Axes that shrink most go first (later passes then touch less data)."""
-    todo = [a for a in axes if img.shape[a] != new_shape[a]]
-    todo.sort(key=lambda a: new_shape[a] / img.shape[a])
+def _resample_image(img: np.ndarray, dst: np.ndarray, order: int, lo=-np.inf, hi=np.inf, axes=(0, 1, 2)):
+    """Resample the given axes of a 3-D image to dst.shape, separably; the last pass clips to
+    [lo, hi] and writes dst. Axes that shrink most go first (later passes touch less data)."""
+    todo = [a for a in axes if img.shape[a] != dst.shape[a]]
+    todo.sort(key=lambda a: dst.shape[a] / img.shape[a])
     if not todo:
-        return np.clip(img, lo, hi).astype(out_dtype)
-    cur = np.ascontiguousarray(img)
+        np.copyto(dst, np.clip(img, lo, hi), casting="unsafe")
+        return dst
+    # the kernels take and give float32 only (one compiled version each); other dtypes are
+    # converted by numpy, whose float -> int cast truncates like the reference's
+    cur = np.ascontiguousarray(img, dtype=np.float32)
     for n, a in enumerate(todo):
-        last = n == len(todo) - 1
-        cur = _resample_axis(cur, a, new_shape[a], order, out_dtype if last else np.float32,
-                             lo if last else -np.inf, hi if last else np.inf)
-    return cur
+        if n < len(todo) - 1:
+            cur = _resample_axis(cur, a, dst.shape[a], order)
+        elif dst.dtype == np.float32:
+            _resample_axis(cur, a, dst.shape[a], order, dst, lo, hi)
+        else:
+            np.copyto(dst, _resample_axis(cur, a, dst.shape[a], order, None, lo, hi), casting="unsafe")
+    return dst
 
 
 # ----------------------------------------------------------------------------- segmentation kernels
@@ -334,12 +333,11 @@ def _seg_linear_threshold_axis0(src, dst, idx, w):
                 dst[k, j] = 0
 
 
-def _resample_seg(seg: np.ndarray, new_shape, order: int, sep_axis: Union[int, None], out_dtype) -> np.ndarray:
-    """Order 0 or 1 over all axes, or (sep_axis given) in-plane only."""
+def _resample_seg(seg: np.ndarray, dst: np.ndarray, order: int, sep_axis: Union[int, None]) -> np.ndarray:
+    """Order 0 or 1 to dst.shape over all axes, or (sep_axis given) in-plane only."""
     shape = seg.shape
     in_plane = [a for a in range(3) if a != sep_axis]
-    target = [new_shape[a] if a in in_plane else shape[a] for a in range(3)]
-    dst = np.empty(target, dtype=out_dtype)
+    target = dst.shape
     if order == 0:
         tables = [_nearest_table(shape[a], target[a]) if a in in_plane else np.arange(shape[a]) for a in range(3)]
         _gather_nearest(seg, dst, *tables)
@@ -351,8 +349,9 @@ def _resample_seg(seg: np.ndarray, new_shape, order: int, sep_axis: Union[int, N
     return dst
 
 
-def _resample_seg_along(seg: np.ndarray, axis: int, n_out: int, order_z: int) -> np.ndarray:
+def _resample_seg_along(seg: np.ndarray, dst: np.ndarray, axis: int, order_z: int) -> np.ndarray:
     """The low-resolution axis of the separate-z path (map_coordinates, mode 'nearest')."""
+    n_out = dst.shape[axis]
     moved = np.ascontiguousarray(np.moveaxis(seg, axis, 0))
     flat = moved.reshape(moved.shape[0], -1)
     if order_z == 0:
@@ -361,7 +360,8 @@ def _resample_seg_along(seg: np.ndarray, axis: int, n_out: int, order_z: int) ->
         idx, w, _ = _linear_table(flat.shape[0], n_out)
         out = np.empty((n_out, flat.shape[1]), dtype=seg.dtype)
         _seg_linear_threshold_axis0(flat, out, idx, w)
-    return np.ascontiguousarray(np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis))
+    dst[...] = np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis)
+    return dst
 
 
 # ----------------------------------------------------------------------------- public function
@@ -375,32 +375,40 @@ def _configure_threads() -> None:
     numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
 
 
-def _channel(data_c: np.ndarray, new_shape, is_seg: bool, order: int, order_z: int,
-             do_separate_z: bool, axis, out_dtype) -> np.ndarray:
+def _channel(data_c: np.ndarray, dst: np.ndarray, is_seg: bool, order: int, order_z: int,
+             do_separate_z: bool, axis) -> None:
+    """Resample one channel (3-D) into dst, a C-contiguous (Z, Y, X) array of the output dtype."""
     if is_seg:
         if data_c.size == 0:
-            return np.zeros(new_shape, dtype=out_dtype)
-        src = np.ascontiguousarray(data_c)
-        if not do_separate_z:
-            return _resample_seg(src, new_shape, order, None, out_dtype)
-        out = _resample_seg(src, new_shape, order, axis, out_dtype)
-        if out.shape[axis] != new_shape[axis]:
-            out = _resample_seg_along(out, axis, new_shape[axis], order_z)
-        return out
+            dst[...] = 0
+        elif not do_separate_z:
+            _resample_seg(np.ascontiguousarray(data_c), dst, order, None)
+        elif data_c.shape[axis] == dst.shape[axis]:
+            _resample_seg(np.ascontiguousarray(data_c), dst, order, axis)
+        else:
+            plane_shape = list(dst.shape)
+            plane_shape[axis] = data_c.shape[axis]
+            plane = np.empty(plane_shape, dtype=dst.dtype)
+            _resample_seg(np.ascontiguousarray(data_c), plane, order, axis)
+            _resample_seg_along(plane, dst, axis, order_z)
+        return
     if not do_separate_z:
-        lo, hi = data_c.min(), data_c.max()
-        return _resample_image(data_c, new_shape, order, out_dtype, lo, hi)
+        _resample_image(data_c, dst, order, data_c.min(), data_c.max())
+        return
     # separate z: in-plane resampling clipped per slice (skimage resizes each slice on its own)
     in_plane = tuple(a for a in range(3) if a != axis)
-    lo = data_c.min(axis=in_plane).astype(np.float32)
-    hi = data_c.max(axis=in_plane).astype(np.float32)
-    plane = _resample_image(data_c, new_shape, order, np.float32, -np.inf, np.inf, axes=in_plane)
-    view = [None, None, None]
-    view[axis] = slice(None)
-    np.clip(plane, lo[tuple(view)], hi[tuple(view)], out=plane)
-    if plane.shape[axis] == new_shape[axis]:
-        return plane.astype(out_dtype, copy=False)
-    return _resample_image(plane, new_shape, order_z, out_dtype, -np.inf, np.inf, axes=(axis,))
+    bounds = [None, None, None]
+    bounds[axis] = slice(None)
+    lo = data_c.min(axis=in_plane).astype(np.float32)[tuple(bounds)]
+    hi = data_c.max(axis=in_plane).astype(np.float32)[tuple(bounds)]
+    plane_shape = list(dst.shape)
+    plane_shape[axis] = data_c.shape[axis]
+    plane = _resample_image(data_c, np.empty(plane_shape, np.float32), order, axes=in_plane)
+    np.clip(plane, lo, hi, out=plane)
+    if plane.shape[axis] == dst.shape[axis]:
+        np.copyto(dst, plane, casting="unsafe")
+    else:
+        _resample_image(plane, dst, order_z, axes=(axis,))
 
 
 def resample_data_or_seg_to_shape_numba(data: Union[torch.Tensor, np.ndarray],
@@ -428,5 +436,5 @@ def resample_data_or_seg_to_shape_numba(data: Union[torch.Tensor, np.ndarray],
     _configure_threads()
     out = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
     for c in range(data.shape[0]):
-        out[c] = _channel(data[c], new_shape, is_seg, order, order_z, do_separate_z, axis, data.dtype)
+        _channel(data[c], out[c], is_seg, order, order_z, do_separate_z, axis)
     return out
