@@ -3,7 +3,8 @@
 - `HeartPlanner` -> plans `HeartPlans`: nnU-Net's residual-encoder preset M (about 9-11 GB of
   GPU memory by default; `-gpu_memory_target` scales it, as for nnU-Net's ResEnc planners),
   with its own preprocessed-data folder so that its preprocessing choices never mix with
-  `nnUNetPlans` data.
+  `nnUNetPlans` data. Preprocessing by `HeartPreprocessor`, resampling (preprocessing and
+  export) by `resample_data_or_seg_to_shape_numba`: nnU-Net's results, faster.
 - `HeartDemoPlanner` -> plans `HeartDemoPlans`: a small network and patch for the synthetic
   phantom on a CPU (used by `ensemble_pipeline.sh --demo` and the tests).
 """
@@ -13,6 +14,8 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     ResEncUNetPlanner,
 )
 
+from nnunet_heart_ext.kernels.resample import resample_data_or_seg_to_shape_numba
+
 
 class HeartPlanner(ResEncUNetPlanner):
     plans_name = "HeartPlans"
@@ -21,6 +24,10 @@ class HeartPlanner(ResEncUNetPlanner):
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = None,
                  overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
                  suppress_transpose: bool = False):
+        # nnUNetv2_plan_and_preprocess always passes its CLI default 'DefaultPreprocessor';
+        # HeartPlans use HeartPreprocessor (same results, faster crop) unless another one is named.
+        if preprocessor_name == "DefaultPreprocessor":
+            preprocessor_name = "HeartPreprocessor"
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
                          plans_name or self.plans_name, overwrite_target_spacing, suppress_transpose)
         # nnU-Net's ResEnc M preset (nnUNetPlannerResEncM), without its warning for other targets.
@@ -29,6 +36,15 @@ class HeartPlanner(ResEncUNetPlanner):
         self.UNet_reference_val_3d = 680000000
         self.UNet_reference_val_2d = 135000000
         self.max_dataset_covered = 1
+
+    def determine_resampling(self, *args, **kwargs):
+        # nnU-Net's choices (order 3 images, order 1 segmentations), computed by the Numba kernel
+        data_fn, data_kwargs, seg_fn, seg_kwargs = super().determine_resampling(*args, **kwargs)
+        return resample_data_or_seg_to_shape_numba, data_kwargs, resample_data_or_seg_to_shape_numba, seg_kwargs
+
+    def determine_segmentation_softmax_export_fn(self, *args, **kwargs):
+        _, kwargs_export = super().determine_segmentation_softmax_export_fn(*args, **kwargs)
+        return resample_data_or_seg_to_shape_numba, kwargs_export
 
     def generate_data_identifier(self, configuration_name: str) -> str:
         # ResEnc planners reuse nnUNetPlans' folders for 2d/3d_fullres; ours may preprocess
