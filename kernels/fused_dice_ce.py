@@ -157,34 +157,40 @@ def _grad_triton(x, labels, ignore_label, a, b, ce_scale, scale):
 
 
 def _forward_torch(x, labels, ignore_label, needs_grad, options):
-    """The same two passes in torch (the CPU path); the probabilities are kept between them."""
+    """The same two passes in torch (the CPU path); the probabilities are kept between them and
+    class sums over voxels are batched matrix products."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     B, C, N = x.shape
     labels = labels.long().unsqueeze(1)  # (B, 1, N)
-    valid = None
+    mask = None
     if ignore_label is not None:
         valid = labels != ignore_label
         labels = labels.masked_fill(~valid, 0)
+        mask = valid.to(compute)
     log_p = torch.log_softmax(x.to(compute), 1)
-    p = log_p.exp()
-    p_label = p.gather(1, labels)  # (B, 1, N)
-    ones = torch.ones_like(p_label) if valid is None else valid.to(compute)
-    inter = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], (p_label * ones)[:, 0])
-    pred = (p.sum(2) if valid is None else (p * ones).sum(2))
-    gt = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], ones[:, 0])
-    ce_sum = -(log_p.gather(1, labels) * ones).sum((1, 2))
+    log_p_label = log_p.gather(1, labels)  # (B, 1, N)
+    p = log_p.exp_()
+    p_label = log_p_label.exp()
+    weight = torch.ones_like(p_label) if mask is None else mask
+    inter = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], (p_label * weight)[:, 0])
+    pred = torch.bmm(p, weight.transpose(1, 2))[..., 0]
+    gt = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], weight[:, 0])
+    ce_sum = -(log_p_label * weight).sum((1, 2))
     loss, a, b, ce_scale, scale = _loss_and_coefficients(
         torch.stack((inter, pred, gt), 1), ce_sum, x.dtype, **options)
     if not needs_grad:
         return loss, None, scale
-    # dloss/dx = p (B_k - sum_j p_j g_j + ce_scale) + [k == t] (p_t A_t - ce_scale), times m
+    # S dloss/dx = p (S (B_k + ce_scale) - S sum_j p_j g_j) + [k == t] S (p_t A_t - ce_scale), times m
     a_label = a.to(compute).gather(1, labels[:, 0]).unsqueeze(1)
-    b = b.to(compute).unsqueeze(2)
-    pg = (p * b).sum(1, keepdim=True) + p_label * a_label
-    grad = p.mul_(b - pg + ce_scale).scatter_add_(1, labels, p_label * a_label - ce_scale)
-    if valid is not None:
-        grad.mul_(ones)
-    return loss, grad.mul_(scale).to(x.dtype), scale
+    b = b.to(compute).unsqueeze(1)  # (B, 1, C)
+    pg = torch.bmm(b, p).add_(p_label * a_label).mul_(scale)  # S sum_j p_j g_j, (B, 1, N)
+    grad = p * ((b.transpose(1, 2) + ce_scale) * scale)
+    grad.addcmul_(p, pg, value=-1.0)
+    del p
+    grad.scatter_add_(1, labels, (p_label * a_label - ce_scale).mul_(scale))
+    if mask is not None:
+        grad.mul_(mask)
+    return loss, grad.to(x.dtype), scale
 
 
 def _forward_triton(x, labels, ignore_label, needs_grad, options):
