@@ -77,8 +77,13 @@ class _Box:
         return tuple(np.float32(f[0]) * dz + np.float32(f[1]) * dy + np.float32(f[2]) * dx for f in frame)
 
     def ellipsoid(self, center, frame, semi_axes) -> np.ndarray:
-        a, b, c = self.local(center, frame)
-        return (a / semi_axes[0]) ** 2 + (b / semi_axes[1]) ** 2 + (c / semi_axes[2]) ** 2 <= 1
+        a, b, c = self.local(center, np.asarray(frame) / np.asarray(semi_axes, dtype=np.float64)[:, None])
+        a *= a  # in place: full-size boxes hold tens of millions of voxels
+        b *= b
+        c *= c
+        a += b
+        a += c
+        return a <= 1
 
     def tube(self, start, axis, radius, length) -> np.ndarray:
         w, p, q = self.local(start, _frame(axis))
@@ -146,8 +151,8 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     for side in (-1, 1):
         ly, lx = cy + 0.05 * ay, cx + side * 0.52 * ax
         sy, sx = 0.72 * ay, 0.36 * ax
-        in_plane = ((y2 - ly) / sy) ** 2 + ((x2 - lx) / sx) ** 2
-        lungs = in_plane <= 1 - (z_mid / (1.6 * extent[0])) ** 2  # tapers toward the ends
+        lung_xy = ((y2 - ly) / sy) ** 2 + ((x2 - lx) / sx) ** 2
+        lungs = lung_xy <= 1 - (z_mid / (1.6 * extent[0])) ** 2  # tapers toward the ends
         img[lungs] = -850.0 + rng.normal(0, 15)
     spine_y, spine_r = cy + 0.78 * ay, 0.16 * ay
     spine = (y2 - spine_y) ** 2 + (x2 - cx) ** 2
@@ -161,19 +166,21 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     scale = rng.uniform(0.9, 1.1)
     turn = _rotation(rng, 10.0)
     heart = np.array([extent[0] / 2, cy - 0.12 * ay, cx + 0.05 * ax]) + rng.uniform(-6, 6, 3)
-    box = _Box(shape, spacing, heart, np.array([75.0, 75.0, 75.0]))
-    heart_frame = turn @ np.eye(3)
-    img[box.slices][box.ellipsoid(heart, heart_frame, scale * np.array([48, 52, 60]))] = -80.0  # epicardial fat
-    img[box.slices][box.ellipsoid(heart, heart_frame, scale * np.array([44, 48, 56]))] = 40.0
-    rv = heart + turn @ np.array([-4.0, -20.0, -16.0]) * scale
-    img[box.slices][box.ellipsoid(rv, heart_frame, scale * np.array([28, 18, 26]))] = contrast * rng.uniform(0.6, 0.8)
-    la = heart + turn @ np.array([14.0, 22.0, 6.0]) * scale
-    img[box.slices][box.ellipsoid(la, heart_frame, scale * np.array([16, 16, 22]))] = contrast * rng.uniform(0.8, 0.95)
+    def paint_ellipsoid(center, semi_axes, value):
+        own = _Box(shape, spacing, center, np.full(3, max(semi_axes)))
+        img[own.slices][own.ellipsoid(center, turn, semi_axes)] = value
+
+    paint_ellipsoid(heart, scale * np.array([48, 52, 60]), -80.0)  # epicardial fat
+    paint_ellipsoid(heart, scale * np.array([44, 48, 56]), 40.0)
+    rv, la = heart + turn @ np.array([-4.0, -20.0, -16.0]) * scale, heart + turn @ np.array([14.0, 22.0, 6.0]) * scale
+    paint_ellipsoid(rv, scale * np.array([28, 18, 26]), contrast * rng.uniform(0.6, 0.8))
+    paint_ellipsoid(la, scale * np.array([16, 16, 22]), contrast * rng.uniform(0.8, 0.95))
 
     # left ventricle: long axis from base toward the apex (down, forward, left)
     lv_axis = turn @ _unit([-0.45, -0.55, 0.70])
     lv_frame = _frame(lv_axis)
     lv = heart + turn @ np.array([-6.0, -4.0, 12.0]) * scale
+    box = _Box(shape, spacing, heart, np.array([75.0, 75.0, 75.0]))
     long_in, short_in = 32.0 * scale, 17.0 * scale
     wall = rng.uniform(8.0, 11.0) * scale
     inner = box.ellipsoid(lv, lv_frame, (long_in, short_in, short_in))
