@@ -15,7 +15,8 @@ with the same size, spacing, origin and direction; label values 0-3; no case id 
 without an image or image without a label; no file name it does not recognise. All problems are
 raised together in one DatasetError, each naming its file. The originals are only read: files are
 copied (or symbolically linked with `link=True`), and a rerun copies only what changed (size or
-modification time) and removes case files that are no longer in the source.
+modification time) and removes the files it wrote for cases no longer in the source. A dataset
+folder that prepare did not make (no `.nnunet-heart-prepare.json` in it) is never written into.
 """
 import json
 import os
@@ -28,13 +29,13 @@ import SimpleITK as sitk
 
 from nnunet_heart_ext.io import (IMAGE_NAME, LABEL_NAME, LABELS, DatasetError, copy_file, geometry_mismatches,
                                  geometry_of, label_values_problem, link_file, read_image, up_to_date,
-                                 volume_problem)
+                                 volume_problem, write_text)
 
 TRAIN_IMAGE_DIR = re.compile(r"^training_images?\d*$")
 TRAIN_LABEL_DIRS = ("training_label", "training_labels")
 TEST_IMAGE_DIRS = ("testing_image", "testing_images", "test_image", "test_images", "imagesTs")
 DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_-]+$")
-OUTPUT_NAME = re.compile(r"^patient\d{4}(_0000)?\.nii\.gz$")  # files prepare itself writes
+MARKER = ".nnunet-heart-prepare.json"  # in the dataset folder: the files prepare wrote there
 
 
 def _scan(folder: Path, pattern: re.Pattern, expected: str, found: Dict[str, Path], problems: List[str],
@@ -116,6 +117,9 @@ def prepare(src, raw_root=None, dataset_name: str = "Dataset100_Heart", test_dir
     if out is not None:
         if out.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(out.resolve()):
             problems.append(f"{out}: output and source folder {src} overlap; choose another --raw")
+        elif out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+            problems.append(f"{out}: exists and was not made by `nnunet-heart prepare`; it is left alone: "
+                            f"move it away or choose another --raw or --dataset")
         dataset_id = DATASET_NAME.match(dataset_name)
         if dataset_id and out.parent.is_dir():
             for other in out.parent.glob(f"Dataset{dataset_id.group(1)}_*"):
@@ -141,18 +145,23 @@ def prepare(src, raw_root=None, dataset_name: str = "Dataset100_Heart", test_dir
         plan[out / "imagesTs" / f"{c}_0000.nii.gz"] = tests[c]
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    # the marker lists what prepare wrote, so a rerun removes only its own files of dropped cases;
+    # it names the new files before they are written, so an interrupted run can be rerun
+    earlier = set(json.loads((out / MARKER).read_text())["files"]) if (out / MARKER).is_file() else set()
+    ours = {str(dst.relative_to(out)) for dst in plan}
+    write_text(json.dumps({"source": str(src), "files": sorted(earlier | ours)}, indent=1), out / MARKER)
     removed = 0
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):  # cases dropped from the source since last time
-        for f in (out / sub).iterdir():
-            if OUTPUT_NAME.match(f.name) and f not in plan:
-                f.unlink()
-                removed += 1
+    for name in sorted(earlier - ours):  # cases dropped from the source since the last run
+        if (out / name).is_symlink() or (out / name).is_file():
+            (out / name).unlink()
+            removed += 1
     written = 0
     for dst, source in tqdm(plan.items(), desc="prepare: " + ("linking" if link else "copying"), unit="file"):
         if not up_to_date(source, dst, link):
             (link_file if link else copy_file)(source, dst)
             written += 1
     json_changed = _write_dataset_json(out, dataset_name, len(cases))
+    write_text(json.dumps({"source": str(src), "files": sorted(ours)}, indent=1), out / MARKER)
     print(f"prepare: {out}: {written} file(s) {'linked' if link else 'copied'}, {len(plan) - written} unchanged, "
           f"{removed} stale removed, dataset.json {'written' if json_changed else 'unchanged'}")
     return out

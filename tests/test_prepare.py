@@ -265,3 +265,15 @@ def test_test_folder_found_under_other_names(src, raw, name):
     os.rename(src / "testing_image", src / name)
     out = prepare(src)
     assert len(list((out / "imagesTs").iterdir())) == N_TEST
+
+
+def test_dataset_folder_made_by_hand_is_left_alone(src, raw):
+    handmade = raw / "Dataset100_Heart" / "imagesTr"
+    handmade.mkdir(parents=True)
+    (handmade / "patient0001_0000.nii.gz").write_bytes(b"renamed in place by the seed's script")
+    (handmade / "patient0077_0000.nii.gz").write_bytes(b"a case not in the source")
+    before = _digest(raw)
+    with pytest.raises(DatasetError, match="not made by") as error:
+        prepare(src)
+    assert str(raw / "Dataset100_Heart") in str(error.value)
+    assert _digest(raw) == before and len(before) == 2
