@@ -259,7 +259,8 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- compiled GPU path
-needs_compiled_gpu = pytest.mark.skipif(not COMPILED_GPU, reason="needs CUDA and TRITON_INTERPRET=0")
+def needs_compiled_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not COMPILED_GPU, reason="needs CUDA and TRITON_INTERPRET=0")(test))
 
 
 @needs_compiled_gpu
