@@ -4,7 +4,8 @@ Same value and gradient as nnU-Net's
 `DC_and_CE_loss(soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice, ignore_label,
 dice_class=MemoryEfficientSoftDiceLoss)` for logits `x` of shape (B, C, *spatial) and integer
 labels `t` of shape (B, 1, *spatial) (float or integer dtype, as nnU-Net gives them). No one-hot
-tensor and no probability tensor is ever stored.
+tensor is ever made; the Triton path stores no probabilities either (the torch path keeps them
+between its two passes).
 
 Reference maths (v: voxel, k: class, m_v = [t_v != ignore_label], labels at ignored voxels
 count as 0, y_kv = [t_v == k], s = smooth):
@@ -14,7 +15,7 @@ count as 0, y_kv = [t_v == k], s = smooth):
     batch_dice: I, P, G summed over b (and over DDP ranks when ddp=True)
     dc_k  = (2 I_k + s) / max(G_k + P_k + s, 1e-8)
     Dice  = -mean(dc) over k (and b when not batch_dice); k >= 1 unless do_bg
-    CE    = sum_v m (logsumexp_k x_kv - x_{t_v} v) / sum_v m      (0 when every voxel is ignored)
+    CE    = sum_bv m (logsumexp_k x_kv - x_{t_v,v}) / sum_bv m     (0 when every voxel is ignored)
     loss  = weight_ce * CE + weight_dice * Dice
 
     gradient, with g_kv = m (A_k y_kv + B_k),  A_k = dloss/dI_k,  B_k = dloss/dP_k:
@@ -37,8 +38,8 @@ This assumes the same grad_output on every rank, which holds for nnU-Net's train
 
 Backends: CUDA tensors run the Triton kernels; CPU tensors run the same maths in torch, or the
 Triton kernels through Triton's interpreter when TRITON_INTERPRET=1 (how CI tests them). Logits
-may be fp32, fp16 or bf16 (fp64 always takes the torch path); sums are accumulated in fp32 and
-the gradient is written in the logits' dtype.
+may be fp32, fp16 or bf16 (fp64 always takes the torch path, in fp64); sums are accumulated in
+fp32 and the gradient is written in the logits' dtype.
 """
 import os
 
@@ -101,7 +102,8 @@ def _dice_ce_sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.const
 
 @triton.jit
 def _dice_ce_grad_kernel(x_ptr, t_ptr, coef_ptr, grad_ptr, N, ignore_label, C: tl.constexpr,
-                         C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
+                         C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr,
+                         ROUND_BF16: tl.constexpr):
     """Pass 2: grad = S * (p (g - sum_j p_j g_j) + ce_scale (p - y)) on valid voxels, where
     coef[b] = (A_k, B_k, (ce_scale, S, 0...))."""
     x, p, is_label, valid, lse, offsets, in_tile, classes, b, pid = _load_block(
@@ -115,7 +117,7 @@ def _dice_ce_grad_kernel(x_ptr, t_ptr, coef_ptr, grad_ptr, N, ignore_label, C: t
     pg = tl.sum(p * g, axis=0)
     grad = p * (g - pg[None, :]) + ce_scale * (p - tl.where(is_label, 1.0, 0.0))
     grad = tl.where(valid[None, :], grad * scale, 0.0)
-    if grad_ptr.dtype.element_ty == tl.bfloat16:
+    if ROUND_BF16:
         # round to nearest even by hand: Triton's interpreter truncates fp32 -> bf16 casts
         bits = grad.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -152,7 +154,7 @@ def _grad_triton(x, labels, ignore_label, a, b, ce_scale, scale):
     grad = torch.empty_like(x)
     _dice_ce_grad_kernel[(n_blocks, B)](
         x, labels, coef, grad, N, 0 if ignore_label is None else int(ignore_label), C=C, C_PAD=c_pad,
-        BLOCK=block, HAS_IGNORE=ignore_label is not None)
+        BLOCK=block, HAS_IGNORE=ignore_label is not None, ROUND_BF16=x.dtype == torch.bfloat16)
     return grad
 
 
