@@ -27,7 +27,7 @@ def _export(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export}")
 
