@@ -35,6 +35,8 @@ SOFT_DICE = {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False} 
 def add_arguments(parser):
     parser.add_argument("--loss-repeat", type=int, default=10, help="timed runs a loss (GPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip nnU-Net's compiled Dice")
+    parser.add_argument("--budget-s", type=float, default=170,
+                        help="start no new section after this many seconds (gpu_check.sh gives 240 s)")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads for the CPU part (1: steadier on a shared machine)")
 
@@ -237,24 +239,43 @@ def main(args):
     quick = getattr(args, "quick", False)
     repeat = 3 if quick else getattr(args, "loss_repeat", 10)
     compile_dice = not getattr(args, "no_compile", False)
-    rows, step_rows, extra = [], [], {}
+    budget_s = getattr(args, "budget_s", 170)
+    rows, step_rows, extra = [], [], {"skipped": []}
+    sections = []
     if torch.cuda.is_available():
-        copy_bw = copy_bandwidth("cuda")
-        extra["cuda_copy_GBps"] = copy_bw / 1e9
-        print(f"device copy bandwidth: {copy_bw / 1e9:.0f} GB/s", flush=True)
-        patches = [(64, 64, 64)] if quick else [(128, 128, 128), (160, 320, 256)]
-        rows += loss_rows("cuda", patches, torch.float16, repeat, compile_dice, copy_bw)
-        step_rows += training_step_rows("cuda", (64, 64, 64) if quick else (128, 128, 128), 32,
-                                        (1, 3, 4, 6, 6, 6), 3 if quick else 5, compile_dice)
+        def measure_copy():
+            extra["cuda_copy_GBps"] = copy_bandwidth("cuda") / 1e9
+            print(f"device copy bandwidth: {extra['cuda_copy_GBps']:.0f} GB/s", flush=True)
+        sections.append(("cuda copy bandwidth", measure_copy))
+        for patch in [(64, 64, 64)] if quick else [(128, 128, 128), (160, 320, 256)]:
+            sections.append((f"cuda loss {patch}", lambda patch=patch: rows.extend(loss_rows(
+                "cuda", [patch], torch.float16, repeat, compile_dice, extra.get("cuda_copy_GBps", 0) * 1e9))))
+        step_patch = (64, 64, 64) if quick else (128, 128, 128)
+        sections.append((f"cuda training step {step_patch}", lambda: step_rows.extend(training_step_rows(
+            "cuda", step_patch, 32, (1, 3, 4, 6, 6, 6), 3 if quick else 5, compile_dice))))
     # CPU: fp32 as nnU-Net trains there, eager (nnU-Net compiles only on CUDA)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(getattr(args, "cpu_threads", 1) or threads)
-    extra["cpu_threads"] = torch.get_num_threads()
     cpu_patches = [(32, 32, 32)] if quick else [(64, 64, 64), (64, 128, 128)]
-    rows += loss_rows("cpu", cpu_patches, torch.float32, 3 if quick else 10, False)
-    step_rows += training_step_rows("cpu", (32, 32, 32) if quick else (64, 64, 64), 8, (1, 1, 2, 2, 2, 2),
-                                    2 if quick else 5, False)
-    torch.set_num_threads(threads)
+    sections.append(("cpu loss", lambda: rows.extend(loss_rows("cpu", cpu_patches, torch.float32,
+                                                                3 if quick else 10, False))))
+    sections.append(("cpu training step", lambda: step_rows.extend(training_step_rows(
+        "cpu", (32, 32, 32) if quick else (64, 64, 64), 8, (1, 1, 2, 2, 2, 2), 2 if quick else 5, False))))
+
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    for name, run in sections:
+        if time.perf_counter() - start > budget_s:
+            extra["skipped"].append(f"{name}: time budget of {budget_s} s spent")
+            continue
+        if name.startswith("cpu"):
+            torch.set_num_threads(getattr(args, "cpu_threads", 1) or threads)
+            extra["cpu_threads"] = torch.get_num_threads()
+        try:
+            run()
+        except Exception as e:  # an OOM or a compile failure in one section keeps the others' numbers
+            extra["skipped"].append(f"{name}: {type(e).__name__}: {e}")
+            print(f"bench_loss: {name} failed: {type(e).__name__}: {e}", flush=True)
+        finally:
+            torch.set_num_threads(threads)
     extra["training_step"] = step_rows
     extra["notes"] = ("fwd_bwd_ms: median over runs of DeepSupervisionWrapper(loss) forward + backward on "
                       "all deep-supervision outputs, the losses run in turn each round; time_vs_fused = this "
@@ -262,5 +283,7 @@ def main(args):
                       "floor_MB = 3 x logits bytes + 2 x label bytes over the weighted outputs; "
                       "peak_extra_MiB (CUDA) = peak allocation above the inputs, logits' gradients included.")
     print_table(step_rows, "one training step with each loss")
+    if extra["skipped"]:
+        print("skipped:", *extra["skipped"], sep="\n  ")
     report("loss", rows, title="Dice + CE with deep supervision, forward + backward",
            plot=plot, extra=extra, results_dir=getattr(args, "out", None) or RESULTS_DIR)
