@@ -208,6 +208,28 @@ def _resample_middle_axis(src, dst, idx, w, pad, lo, hi):
                 dst[o, k, j0 + j] = min(max(acc[j], lo), hi)
 
 
+@njit(cache=True, parallel=True)
+def _resample_linear_3d(src, dst, i0, w0, i1, w1, i2, w2, lo, hi):
+    """Order 1 over all three axes in one pass: for each output row, the 4 input rows around it
+    are blended (contiguous, vectorised), then 2 taps along the row."""
+    n0, n1, n2 = dst.shape
+    n_in = src.shape[2]
+    chunk = 16
+    for c in prange((n0 * n1 + chunk - 1) // chunk):
+        row = np.empty(n_in, dtype=np.float32)
+        for ab in range(c * chunk, min(n0 * n1, (c + 1) * chunk)):
+            a = ab // n1
+            b = ab % n1
+            za, zb, ya, yb = i0[a, 0], i0[a, 1], i1[b, 0], i1[b, 1]
+            c00, c01 = w0[a, 0] * w1[b, 0], w0[a, 0] * w1[b, 1]
+            c10, c11 = w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1]
+            for x in range(n_in):
+                row[x] = c00 * src[za, ya, x] + c01 * src[za, yb, x] + c10 * src[zb, ya, x] + c11 * src[zb, yb, x]
+            for k in range(n2):
+                v = w2[k, 0] * row[i2[k, 0]] + w2[k, 1] * row[i2[k, 1]]
+                dst[a, b, k] = min(max(v, lo), hi)
+
+
 def _resample_axis(src: np.ndarray, axis: int, n_out: int, order: int, dst: np.ndarray = None,
                    lo=-np.inf, hi=np.inf):
     """One separable pass of a C-contiguous float32 3-D array along `axis`, clipped to [lo, hi],
@@ -239,6 +261,16 @@ def _resample_image(img: np.ndarray, dst: np.ndarray, order: int, lo=-np.inf, hi
     # the kernels take and give float32 only (one compiled version each); other dtypes are
     # converted by numpy, whose float -> int cast truncates like the reference's
     cur = np.ascontiguousarray(img, dtype=np.float32)
+    if order == 1:  # one fused pass; axes left alone get the identity (weights 1, 0)
+        tables = []
+        for a in range(3):
+            idx, w, _ = _linear_table(cur.shape[a], dst.shape[a]) if a in todo else _identity_linear_table(cur.shape[a])
+            tables += [idx, w.astype(np.float32)]
+        out = dst if dst.dtype == np.float32 else np.empty(dst.shape, np.float32)
+        _resample_linear_3d(cur, out, *tables, np.float32(lo), np.float32(hi))
+        if out is not dst:
+            np.copyto(dst, out, casting="unsafe")
+        return dst
     for n, a in enumerate(todo):
         if n < len(todo) - 1:
             cur = _resample_axis(cur, a, dst.shape[a], order)
@@ -262,41 +294,38 @@ def _gather_nearest(src, dst, i0, i1, i2):
 def _seg_linear_argmax(src, dst, idx0, w0, nn0, idx1, w1, nn1, idx2, w2, nn2):
     """Per voxel: order-1 indicator of every label among its 8 neighbours (float64, scipy's
     corner order and weights), clip to 1, largest wins; exact ties go to the nearest neighbour's
-    label if it is tied, else to the smallest tied label (batchgenerators seg_tiebreak='nearest')."""
+    label if it is tied, else to the smallest tied label (batchgenerators seg_tiebreak='nearest').
+    Where all 8 neighbours agree (most voxels) that label is the answer without any arithmetic."""
     n0, n1, n2 = dst.shape
     for ab in prange(n0 * n1):
         a = ab // n1
         b = ab % n1
+        rows = (src[idx0[a, 0], idx1[b, 0]], src[idx0[a, 0], idx1[b, 1]],
+                src[idx0[a, 1], idx1[b, 0]], src[idx0[a, 1], idx1[b, 1]])
         labels = np.empty(8, dtype=src.dtype)
         scores = np.empty(8, dtype=np.float64)
         corner = np.empty(8, dtype=src.dtype)
         for c in range(n2):
-            first = src[idx0[a, 0], idx1[b, 0], idx2[c, 0]]
-            same = True
-            for p in range(2):
-                for q in range(2):
-                    for r in range(2):
-                        v = src[idx0[a, p], idx1[b, q], idx2[c, r]]
-                        corner[p * 4 + q * 2 + r] = v
-                        if v != first:
-                            same = False
-            if same:
+            x0, x1 = idx2[c, 0], idx2[c, 1]
+            first = rows[0][x0]
+            if (rows[0][x1] == first and rows[1][x0] == first and rows[1][x1] == first and rows[2][x0] == first
+                    and rows[2][x1] == first and rows[3][x0] == first and rows[3][x1] == first):
                 dst[a, b, c] = first
                 continue
             nl = 0
-            for p in range(2):
-                for q in range(2):
-                    for r in range(2):
-                        v = corner[p * 4 + q * 2 + r]
-                        coeff = (w0[a, p] * w1[b, q]) * w2[c, r]
-                        s = 0
-                        while s < nl and labels[s] != v:
-                            s += 1
-                        if s == nl:
-                            labels[s] = v
-                            scores[s] = 0.0
-                            nl += 1
-                        scores[s] += coeff
+            for pq in range(4):  # corner order (z, y, x) with x fastest, as scipy sums them
+                for r in range(2):
+                    v = rows[pq][idx2[c, r]]
+                    corner[pq * 2 + r] = v
+                    coeff = (w0[a, pq // 2] * w1[b, pq % 2]) * w2[c, r]
+                    s = 0
+                    while s < nl and labels[s] != v:
+                        s += 1
+                    if s == nl:
+                        labels[s] = v
+                        scores[s] = 0.0
+                        nl += 1
+                    scores[s] += coeff
             best = -1.0
             win = labels[0]
             for s in range(nl):
