@@ -186,6 +186,22 @@ def test_half_precision(device, backend, dtype, shape, batch_dice):
 
 
 @pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("batch_dice", [False, True], ids=["sample_dice", "batch_dice"])
+def test_fp16_gradient_range(device, backend, batch_dice):
+    """fp16 gradients span the tiny CE terms of a large volume (1 / 131072 voxels, below fp16's
+    normal range) and the large Dice terms of a 64-voxel class at once: the stored gradient's
+    power-of-two scale must keep both finite and accurate (without it this test fails)."""
+    logits, target = edge_target("single_voxel_class", (1, 4, 32, 64, 64), seed=47)
+    logits = logits.half()
+    value, grad, _ = fused(logits, target, device, backend, grad_output=AMP_GRAD_OUTPUT, batch_dice=batch_dice)
+    ref_value, ref_grad = reference(logits, target, batch_dice=batch_dice, do_bg=False)
+    assert torch.isfinite(grad).all()
+    assert abs(value - ref_value) / abs(ref_value) <= 2e-3
+    best = (ref_grad * AMP_GRAD_OUTPUT).half().double() / AMP_GRAD_OUTPUT
+    assert (grad - best).norm() / ref_grad.norm() <= 2e-3
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.int64, torch.int32,
                                           torch.int16, torch.uint8])
 def test_target_dtypes(device, backend, target_dtype):
