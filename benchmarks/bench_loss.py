@@ -281,7 +281,9 @@ def main(args):
                       "all deep-supervision outputs, the losses run in turn each round; time_vs_fused = this "
                       "row's median / the fused loss's median; "
                       "floor_MB = 3 x logits bytes + 2 x label bytes over the weighted outputs; "
-                      "peak_extra_MiB (CUDA) = peak allocation above the inputs, logits' gradients included.")
+                      "peak_extra_MiB (CUDA) = peak allocation above the inputs, logits' gradients included; "
+                      "training step: the network runs eager (nnU-Net would also compile it on CUDA), "
+                      "CPU rows use cpu_threads torch threads.")
     print_table(step_rows, "one training step with each loss")
     if extra["skipped"]:
         print("skipped:", *extra["skipped"], sep="\n  ")
