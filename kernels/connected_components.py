@@ -193,15 +193,57 @@ def _label_cc3d(mask: np.ndarray, neighbours: int):
     return labels.view(np.int32), n
 
 
+def _foreground_boxes(volume: np.ndarray) -> list:
+    """Disjoint boxes (tuples of slices) holding every foreground voxel of a 3D mask, split at
+    all-background planes until none is found inside a box. No component crosses such a plane
+    (neighbours are at most one step away along each axis, for every connectivity), so each box
+    is labelled on its own and cc3d skips the empty rest of a CT (about 97 %).
+    Planes are found on the three 2D projections (three passes over the volume in all): a plane
+    they call empty is empty; one they miss only leaves a box larger than it could be."""
+    zy, zx, yx = volume.any(axis=2), volume.any(axis=1), volume.any(axis=0)
+    boxes, todo = [], [tuple(slice(0, s) for s in volume.shape)]
+    while todo:
+        box = z, y, x = todo.pop()
+        runs = [_true_runs(zy[z, y].any(axis=1) & zx[z, x].any(axis=1)),
+                _true_runs(zy[z, y].any(axis=0) & yx[y, x].any(axis=1)),
+                _true_runs(zx[z, x].any(axis=0) & yx[y, x].any(axis=0))]
+        if not all(runs):
+            continue
+        tight = tuple(slice(b.start + r[0][0], b.start + r[-1][1]) for b, r in zip(box, runs))
+        axis = next((a for a in range(3) if len(runs[a]) > 1), None)
+        if axis is None:
+            boxes.append(tight)
+            continue
+        for start, stop in runs[axis]:
+            todo.append(tight[:axis] + (slice(box[axis].start + start, box[axis].start + stop),) + tight[axis + 1:])
+    return boxes
+
+
+def _true_runs(profile: np.ndarray) -> list:
+    """(start, stop) of every run of True in a 1D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], profile, [False])).astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _largest_components_cc3d(volume: np.ndarray, neighbours: int) -> list:
+    """[(box, labels, loser)] for every box of the 3D mask: cc3d's labels inside the box, and
+    per label id whether that component is NOT one of the largest of the whole mask."""
+    labelled = []
+    for box in _foreground_boxes(volume):
+        labels, n = _cc3d(np.ascontiguousarray(volume[box]), neighbours)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        labelled.append((box, labels, sizes))
+    largest = max((sizes.max() for _, _, sizes in labelled), default=0)
+    return [(box, labels, (sizes != largest) & (sizes > 0)) for box, labels, sizes in labelled]
+
+
 def _keep_largest_cc3d(mask: np.ndarray, neighbours: int) -> np.ndarray:
-    labels, n = _cc3d(mask, neighbours)
-    if n == 0:
-        return np.zeros(mask.shape, dtype=bool)
-    sizes = np.bincount(labels[mask], minlength=n + 1)  # the foreground only: a few % of voxels
-    winners = np.flatnonzero(sizes == sizes.max())
-    if len(winners) == 1:
-        return labels == winners[0]
-    return np.isin(labels, winners)
+    volume = mask.reshape(_as_3d(mask.shape))
+    keep = np.zeros(volume.shape, dtype=bool)
+    for box, labels, loser in _largest_components_cc3d(volume, neighbours):
+        keep[box] = volume[box] & ~loser[labels]
+    return keep.reshape(mask.shape)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -240,16 +282,44 @@ def remove_all_but_largest_component_from_segmentation(segmentation, labels_or_r
     values = []
     for label_or_region in labels_or_regions:
         values.extend([label_or_region] if np.isscalar(label_or_region) else label_or_region)
-    mask = segmentation == values[0] if values else None
-    if mask is None:
-        mask = torch.zeros_like(segmentation, dtype=torch.bool) if isinstance(segmentation, torch.Tensor) \
-            else np.zeros(segmentation.shape, dtype=bool)
-    for value in values[1:]:
-        mask |= segmentation == value
-    remove = mask ^ remove_all_but_largest_component(mask)  # keep is a subset of mask
-    ret = segmentation.clone() if isinstance(segmentation, torch.Tensor) else np.copy(segmentation)
-    ret[remove] = background_label
+    if isinstance(segmentation, torch.Tensor) and _runs_triton(segmentation):
+        mask = torch.zeros_like(segmentation, dtype=torch.bool)
+        for value in values:
+            mask |= segmentation == value
+        remove = mask ^ _keep_largest_torch(*label_triton(mask))  # keep is a subset of mask
+        ret = segmentation.clone()
+        ret[remove] = background_label
+        return ret
+    if isinstance(segmentation, torch.Tensor):
+        return torch.from_numpy(remove_all_but_largest_component_from_segmentation(
+            segmentation.numpy(), labels_or_regions, background_label))
+    mask = _mask_of_values(segmentation, values)
+    neighbours = _neighbours_3d(mask.ndim, None)
+    ret = np.copy(segmentation)
+    ret_volume = ret if ret.ndim == 3 else ret[np.newaxis]  # a view: writes go to ret
+    for box, labels, loser in _largest_components_cc3d(mask.reshape(ret_volume.shape), neighbours):
+        ret_volume[box][loser[labels]] = background_label
     return ret
+
+
+def _mask_of_values(segmentation: np.ndarray, values: list) -> np.ndarray:
+    """segmentation == any of `values`. A run of consecutive integers (labels 1, 2, 3) on an
+    integer image takes two passes, not two a value: v - lo, wrapping around in unsigned
+    arithmetic, is <= hi - lo exactly for lo <= v <= hi."""
+    dtype = segmentation.dtype
+    unique = sorted(set(values))
+    if (dtype.kind in "iu" and len(unique) > 1 and all(isinstance(v, (int, np.integer)) for v in unique)
+            and unique == list(range(unique[0], unique[-1] + 1))
+            and np.iinfo(dtype).min <= unique[0] and unique[-1] <= np.iinfo(dtype).max):
+        unsigned = segmentation.view(f"u{dtype.itemsize}")
+        low = np.array(unique[0], dtype=dtype).view(unsigned.dtype)
+        return np.less_equal(np.subtract(unsigned, low), len(unique) - 1)
+    mask = np.zeros(segmentation.shape, dtype=bool)
+    equal = np.empty_like(mask)  # one buffer for every value: fresh 78 MB arrays cost page faults
+    for value in values:
+        np.equal(segmentation, value, out=equal)
+        mask |= equal
+    return mask
 
 
 def _runs_triton(tensor: torch.Tensor) -> bool:

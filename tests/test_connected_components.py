@@ -118,6 +118,29 @@ def test_keep_largest_random_masks_equal_acvl(backend, density):
         np.testing.assert_array_equal(run_keep_largest(backend, mask, 6), acvl_keep_largest(mask, 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keep_largest_scattered_blobs_equal_acvl(backend):
+    """Many small boxes of few sizes: ties between far-apart components, and (CPU path) many
+    separately labelled boxes with a U-shaped component around a blob in one of them."""
+    shape = (12, 12, 12) if backend == "triton" and INTERPRETED else (40, 44, 48)
+    rng = np.random.default_rng(9)
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(max(shape) // 2):
+        corner = [rng.integers(0, s - 2) for s in shape]
+        side = rng.integers(1, 3)
+        mask[tuple(slice(c, c + side) for c in corner)] = True
+    mask[1:6, 1, 1:6] = mask[1:6, 1:5, 1] = mask[1:6, 1:5, 5] = True  # a U ...
+    mask[3, 3, 3] = True  # ... around a single voxel
+    for connectivity, skimage_connectivity in ((26, 3), (6, 1)):
+        np.testing.assert_array_equal(run_keep_largest(backend, mask, connectivity),
+                                      acvl_keep_largest(mask, skimage_connectivity))
+    tie = mask.copy()
+    tie[-2:, -2:, -2:] = False
+    tie[-7:-2, -2, -6:-1] = tie[-7:-2, -5:-1, -6] = tie[-7:-2, -5:-1, -2] = True  # a second U of the same size
+    keep = run_keep_largest(backend, tie)
+    np.testing.assert_array_equal(keep, acvl_keep_largest(tie))
+
+
 # ----------------------------------------------------------------------------- heart segmentations
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1])
@@ -140,6 +163,21 @@ def test_heart_segmentation_equals_nnunet(backend, seed, nnunet_keep_largest_fro
         np.testing.assert_array_equal(result, expected)
         changed += int((expected != segmentation).any())
     assert changed >= 2  # the blobs made keep-largest remove something
+
+
+def test_segmentation_dtypes_and_layouts_equal_nnunet(nnunet_keep_largest_from_segmentation):
+    """Label runs on integer images take a wrap-around shortcut: check it at the dtype edges."""
+    rng = np.random.default_rng(4)
+    seg = synthetic_heart((9, 14, 15), rng, n_blobs=8).astype(np.int16)
+    cases = [(np.int8, -1, [-1, 0, 1]), (np.uint8, 254, [(254, 255)]), (np.uint16, 1, (1, 2)),
+             (np.int64, 1, [1, 2, 3]), (np.int32, 1, [1, 3]), (np.float64, 1, [1, 2])]
+    for dtype, offset, labels_or_regions in cases:
+        shifted = (seg + offset - 1).astype(dtype)
+        shifted[seg == 0] = 7  # background becomes another value, out of the labels
+        for layout in (shifted, np.asfortranarray(shifted), shifted[:, ::-1]):
+            expected = nnunet_keep_largest_from_segmentation(layout, labels_or_regions, 7)
+            np.testing.assert_array_equal(
+                remove_all_but_largest_component_from_segmentation(layout, labels_or_regions, 7), expected)
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -280,12 +318,17 @@ def test_compiled_gpu_random_volumes_repeatedly(connectivity):
 
 
 @needs_compiled_gpu
-def test_compiled_gpu_full_size_heart_repeatedly(nnunet_keep_largest_from_segmentation):
+def test_compiled_gpu_full_size_heart_repeatedly():
+    """A CT-sized segmentation; the references are the CPU path (checked against nnU-Net above)
+    and acvl_utils' keep-largest, which nnU-Net calls."""
     rng = np.random.default_rng(11)
     seg = synthetic_heart((300, 512, 512), rng, n_blobs=60)
     expected_labels, expected_n = label(seg)
     expected = [(lr, remove_all_but_largest_component_from_segmentation(seg, lr)) for lr in ([1, 2, 3], 1, 2)]
-    np.testing.assert_array_equal(expected[1][1], nnunet_keep_largest_from_segmentation(seg, 1))
+    myocardium = seg == 1
+    np.testing.assert_array_equal(expected[1][1] == 1, acvl_keep_largest(myocardium))
+    assert torch.equal(remove_all_but_largest_component(torch.from_numpy(myocardium).cuda()).cpu(),
+                       torch.from_numpy(acvl_keep_largest(myocardium)))
     device_seg = torch.from_numpy(seg).cuda()
     for _ in range(5):
         labels, n = label(device_seg)
