@@ -95,36 +95,36 @@ def _merge_kernel(mask_ptr, parent_ptr, numel, H, W, CONNECTIVITY: tl.constexpr,
     """Union every foreground voxel with its foreground neighbours that come before it."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     fg = tl.load(mask_ptr + offs, mask=offs < numel, other=0) != 0
-    x = offs % W
-    y = (offs // W) % H
-    z = offs // (H * W)
-    # faces (6-connectivity)
-    _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, 0, -1)
-    _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, -1, 0)
-    _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 0, 0)
-    if CONNECTIVITY >= 18:  # edges
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, -1, -1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, -1, 1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 0, -1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 0, 1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, -1, 0)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 1, 0)
-    if CONNECTIVITY == 26:  # corners
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, -1, -1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, -1, 1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 1, -1)
-        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 1, 1)
+    if tl.max(fg.to(tl.int32), axis=0) > 0:  # most blocks of a CT hold background only
+        x = offs % W
+        y = (offs // W) % H
+        z = offs // (H * W)
+        # faces (6-connectivity)
+        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, 0, -1)
+        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, -1, 0)
+        _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 0, 0)
+        if CONNECTIVITY >= 18:  # edges
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, -1, -1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, 0, -1, 1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 0, -1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 0, 1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, -1, 0)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 1, 0)
+        if CONNECTIVITY == 26:  # corners
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, -1, -1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, -1, 1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 1, -1)
+            _union_with_neighbour(mask_ptr, parent_ptr, offs, fg, z, y, x, H, W, -1, 1, 1)
 
 
 @triton.jit
 def _compress_kernel(mask_ptr, parent_ptr, labels_ptr, numel, BLOCK: tl.constexpr):
-    """parent[i] = root(i) on the foreground; labels[i] = 1 where i is a root, else 0."""
+    """parent[i] = root(i) on the foreground; labels[i] = 1 where i is a root (labels holds 0s)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < numel
-    fg = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
+    fg = tl.load(mask_ptr + offs, mask=offs < numel, other=0) != 0
     root = _find_root(parent_ptr, offs, fg)
     tl.store(parent_ptr + offs, root, mask=fg)
-    tl.store(labels_ptr + offs, (fg & (root == offs)).to(tl.int32), mask=inside)
+    tl.store(labels_ptr + offs, tl.full([BLOCK], 1, tl.int32), mask=fg & (root == offs))
 
 
 @triton.jit
