@@ -19,6 +19,7 @@ returns the same mask (tests/test_postprocessing_integration.py checks both).
 Device: NNUNET_HEART_EXT_CC_DEVICE = auto (default: the GPU when torch sees one), cpu, or cuda.
 """
 import os
+import warnings
 
 import numpy as np
 from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component as _acvl_keep_largest
@@ -44,8 +45,11 @@ def remove_all_but_largest_component_like_acvl(binary_image: np.ndarray, connect
     if _use_cuda():
         import torch
 
-        mask = torch.from_numpy(binary_image).cuda()
-        return remove_all_but_largest_component(mask, neighbours).cpu().numpy()
+        try:
+            mask = torch.from_numpy(binary_image).cuda()
+            return remove_all_but_largest_component(mask, neighbours).cpu().numpy()
+        except torch.cuda.OutOfMemoryError:  # e.g. a training run holds the GPU: same result on the CPU
+            warnings.warn("nnunet_heart_ext: GPU out of memory in keep-largest postprocessing, using the CPU")
     return remove_all_but_largest_component(binary_image, neighbours)
 
 

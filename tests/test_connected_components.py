@@ -296,6 +296,30 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
             label_triton(torch.ones((2, 2, 2), dtype=torch.bool))
 
 
+def test_nnunet_hook_function_equals_acvl(monkeypatch):
+    """What nnU-Net calls once the extension is installed: acvl_utils' arguments (skimage-style
+    connectivity) and output, including inputs it hands back to acvl_utils."""
+    from nnunet_heart_ext.postprocessing import remove_all_but_largest_component_like_acvl as hooked
+
+    rng = np.random.default_rng(6)
+    volume = rng.random((14, 15, 16)) < 0.12
+    for connectivity in (None, 1, 2, 3):
+        np.testing.assert_array_equal(hooked(volume, connectivity), acvl_keep_largest(volume, connectivity))
+    for connectivity in (None, 1, 2):
+        np.testing.assert_array_equal(hooked(volume[3], connectivity), acvl_keep_largest(volume[3], connectivity))
+    # non-boolean images: skimage's components are runs of equal value (1 next to 2 is two)
+    labels = np.zeros((6, 6, 6), dtype=np.uint8)
+    labels[1:3, 1:3, 1:3], labels[3:5, 1:3, 1:3], labels[5, 5, 5] = 1, 2, 1
+    np.testing.assert_array_equal(hooked(labels), acvl_keep_largest(labels))
+    monkeypatch.setenv("NNUNET_HEART_EXT_CC_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="use auto, cpu or cuda"):
+        hooked(volume)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("NNUNET_HEART_EXT_CC_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            hooked(volume)
+
+
 # ----------------------------------------------------------------------------- compiled GPU path
 COMPILE_FOR_HOPPER = """
 import triton
