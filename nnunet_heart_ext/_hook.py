@@ -19,7 +19,8 @@ PATCHES = {
     # extension's registry. Callers bind the function at their own import time, after this ran.
     "nnunetv2.utilities.find_class_by_name": "nnunet_heart_ext.registry:patch_find_class_module",
     # Keep-largest-component postprocessing on the extension's connected components (cc3d/Triton).
-    "nnunetv2.postprocessing.remove_connected_components": "nnunet_heart_ext.postprocessing:patch_remove_connected_components",
+    "nnunetv2.postprocessing.remove_connected_components":
+        "nnunet_heart_ext.postprocessing:patch_remove_connected_components",
 }
 
 

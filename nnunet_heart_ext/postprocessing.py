@@ -22,7 +22,7 @@ import os
 import warnings
 
 import numpy as np
-from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component as _acvl_keep_largest
+from acvl_utils.morphology import morphology_helper as _acvl
 
 # skimage's connectivity (what acvl_utils passes on: 1 = faces .. ndim = full, None = full)
 # -> the number of neighbours used by the extension's kernels.
@@ -39,7 +39,7 @@ def remove_all_but_largest_component_like_acvl(binary_image: np.ndarray, connect
     if isinstance(binary_image, np.ndarray) and binary_image.dtype == bool:
         neighbours = _SKIMAGE_TO_NEIGHBOURS.get(binary_image.ndim, {}).get(binary_image.ndim if connectivity is None else connectivity)
     if neighbours is None:
-        return _acvl_keep_largest(binary_image, connectivity)
+        return _acvl.remove_all_but_largest_component(binary_image, connectivity)
     from nnunet_heart_ext.kernels.connected_components import remove_all_but_largest_component
 
     if _use_cuda():
