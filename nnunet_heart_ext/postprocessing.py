@@ -37,7 +37,8 @@ def remove_all_but_largest_component_like_acvl(binary_image: np.ndarray, connect
     acvl_utils' own function."""
     neighbours = None
     if isinstance(binary_image, np.ndarray) and binary_image.dtype == bool:
-        neighbours = _SKIMAGE_TO_NEIGHBOURS.get(binary_image.ndim, {}).get(binary_image.ndim if connectivity is None else connectivity)
+        skimage_connectivity = binary_image.ndim if connectivity is None else connectivity
+        neighbours = _SKIMAGE_TO_NEIGHBOURS.get(binary_image.ndim, {}).get(skimage_connectivity)
     if neighbours is None:
         return _acvl.remove_all_but_largest_component(binary_image, connectivity)
     from nnunet_heart_ext.kernels.connected_components import remove_all_but_largest_component
