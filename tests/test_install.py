@@ -37,8 +37,9 @@ def _official_flow(env: FreshEnv, work: Path, planner_args: list, plans: str) ->
     env.console_script("nnunet-heart", "phantom", "--out", work / "organizer", "--train", 5, "--test", 2,
                        "--seed", 3, **run_env)
     env.console_script("nnunet-heart", "prepare", "--src", work / "organizer", **run_env)
+    # A coarse target spacing (nnU-Net's own flag) keeps the full-size networks cheap on a CPU.
     env.console_script("nnUNetv2_plan_and_preprocess", "-d", 100, *planner_args, "-c", "3d_fullres",
-                       "-np", 2, "-npfp", 1, "--no_pbar", **run_env)
+                       "-overwrite_target_spacing", 4, 4, 4, "-np", 2, "-npfp", 1, "--no_pbar", **run_env)
     env.console_script("nnUNetv2_train", 100, "3d_fullres", 0, "-tr", SMOKE_TRAINER, "-p", plans,
                        "-device", "cpu", **run_env)
     images_ts = dirs["nnUNet_raw"] / "Dataset100_Heart" / "imagesTs"

@@ -3,7 +3,6 @@
 Everything not overridden here is nnU-Net's own `nnUNetTrainer` (data loading, augmentation,
 schedule, validation, checkpoints), so results stay comparable with plain nnU-Net.
 """
-import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -14,10 +13,6 @@ from nnunet_heart_ext.kernels.fused_dice_ce import FusedDiceCELoss
 class HeartTrainer(nnUNetTrainer):
     """The extension's trainer. Schedule variants (`HeartTrainer_250epochs`, ...) live in
     `schedules.py`; `HeartTrainer_nnUNetLoss` keeps nnU-Net's own loss for comparisons."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
 
     def _build_loss(self):
         """nnU-Net's loss exactly as nnUNetTrainer builds it (settings, deep-supervision weights),
