@@ -174,3 +174,23 @@ def test_crop_to_nonzero_fast_equals_nnunet(seed):
         np.testing.assert_array_equal(ours[0], ref[0])
         np.testing.assert_array_equal(ours[1], ref[1])
         assert ours[1].dtype == ref[1].dtype
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_foreground_sampling_equals_nnunet(seed):
+    rng = np.random.default_rng(seed)
+    shape = (1, *(int(s) for s in rng.integers(1, 30, size=3)))
+    seg = rng.choice([-1, 0, 0, 0, 1, 1, 2, 3], size=shape).astype([np.float32, np.int8, np.int16][seed % 3])
+    if seed == 5:
+        seg[seg == 3] = 0  # a requested label that is absent
+    classes = [1, 2, 3, (1, 2), (2, 3), [-1, 0, 1, 2, 3]]
+    kwargs = dict(min_num_samples=[10000, 50][seed % 2])
+    ours = HeartPreprocessor._sample_foreground_locations(seg, classes, seed=seed, **kwargs)
+    ref = DefaultPreprocessor._sample_foreground_locations(seg, classes, seed=seed, **kwargs)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k])
+    empty = np.zeros(shape, np.float32)  # no requested label anywhere
+    assert HeartPreprocessor._sample_foreground_locations(empty, classes[:5]) == \
+        DefaultPreprocessor._sample_foreground_locations(empty, classes[:5]) == {k if isinstance(k, int) else tuple(k): []
+                                                                                 for k in classes[:5]}
