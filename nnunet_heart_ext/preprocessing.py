@@ -17,6 +17,9 @@ Two steps are replaced, with identical results:
   then place), which is the ordering nnU-Net's stable argsort produces; the random draws are
   nnU-Net's own, so the samples are the same.
 
+After both (same case): resampling about 47 %, dtype copies that nnU-Net's own steps make about
+30 %, the crop 11 %, the sampling 9 %.
+
 Everything else runs nnU-Net's own code in nnU-Net's order (transpose, crop, normalise,
 resample, sample foreground locations).
 """
