@@ -1,4 +1,5 @@
 """The import hook and the registry, in this process and in fresh interpreters."""
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,9 @@ from nnunet_heart_ext.trainers import HeartTrainer, schedules
 
 
 def test_nnunet_finds_every_schedule_variant():
-    for suffix in schedules.SCHEDULES:
-        cls = recursive_find_trainer_class_by_name(f"HeartTrainer_{suffix}")
-        assert cls.__name__ == f"HeartTrainer_{suffix}" and issubclass(cls, HeartTrainer)
+    for base, suffix in itertools.product(schedules.BASES, schedules.SCHEDULES):
+        cls = recursive_find_trainer_class_by_name(f"{base.__name__}_{suffix}")
+        assert cls.__name__ == f"{base.__name__}_{suffix}" and issubclass(cls, base)
         assert cls.__module__ == "nnunet_heart_ext.trainers.schedules"
         assert getattr(schedules, cls.__qualname__) is cls  # importable by name (pickling, checkpoints)
 
@@ -50,7 +51,7 @@ def test_trainer_names_are_unique_across_nnunet():
     import os
     folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
     original = recursive_find_python_class.__wrapped__
-    for name in ["HeartTrainer", *(f"HeartTrainer_{s}" for s in schedules.SCHEDULES)]:
+    for name in ["HeartTrainer", "HeartTrainer_nnUNetLoss", *schedules.__all__]:
         assert original(folder, name, "nnunetv2.training.nnUNetTrainer") is None, name
 
 

@@ -7,4 +7,4 @@ from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer, HeartTrainer_n
 from nnunet_heart_ext.trainers.schedules import *  # noqa: F401,F403  (HeartTrainer_<schedule>)
 from nnunet_heart_ext.trainers import schedules as _schedules
 
-__all__ = ["HeartTrainer", "HeartTrainer_nnUNetLoss"] + [f"HeartTrainer_{s}" for s in _schedules.SCHEDULES]
+__all__ = ["HeartTrainer", "HeartTrainer_nnUNetLoss"] + _schedules.__all__

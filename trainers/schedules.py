@@ -1,12 +1,13 @@
 """HeartTrainer schedule variants, generated from one table in nnU-Net's naming.
 
 `HeartTrainer_250epochs` is HeartTrainer with `num_epochs = 250`, as nnU-Net's
-`nnUNetTrainer_250epochs` is to `nnUNetTrainer`. `HeartTrainer_demo` learns the synthetic
+`nnUNetTrainer_250epochs` is to `nnUNetTrainer` (and `HeartTrainer_nnUNetLoss_250epochs` the
+same with nnU-Net's own loss). `HeartTrainer_demo` learns the synthetic
 phantom (`nnunet-heart phantom`) on 2 CPU cores in minutes.
 """
 import torch
 
-from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer
+from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer, HeartTrainer_nnUNetLoss
 
 # suffix -> attributes set after nnUNetTrainer.__init__
 SCHEDULES = {
@@ -42,8 +43,11 @@ def make_schedule_variant(base: type, suffix: str, attributes: dict) -> type:
                                 "__doc__": doc})
 
 
-for _suffix, _attributes in SCHEDULES.items():
-    _cls = make_schedule_variant(HeartTrainer, _suffix, _attributes)
-    globals()[_cls.__name__] = _cls
+# HeartTrainer_nnUNetLoss_<schedule> too: nnU-Net's loss on the same schedule, for comparisons.
+BASES = (HeartTrainer, HeartTrainer_nnUNetLoss)
+for _base in BASES:
+    for _suffix, _attributes in SCHEDULES.items():
+        _cls = make_schedule_variant(_base, _suffix, _attributes)
+        globals()[_cls.__name__] = _cls
 
-__all__ = [f"HeartTrainer_{s}" for s in SCHEDULES]
+__all__ = [f"{base.__name__}_{s}" for base in BASES for s in SCHEDULES]
