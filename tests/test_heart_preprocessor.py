@@ -3,7 +3,8 @@
 The end-to-end test runs the real `nnUNetv2_plan_and_preprocess -pl HeartPlanner` (its spawned
 workers must resolve HeartPreprocessor and resample_data_or_seg_to_shape_numba by name) on a
 tiny CT-like Dataset100_Heart and compares every preprocessed case with DefaultPreprocessor and
-nnU-Net's own resampling run on the same plans.
+nnU-Net's own resampling run on the same plans, and nnU-Net's export of logits (resampling back
+to the original shape) with either plans.
 """
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -114,6 +117,18 @@ def test_plan_and_preprocess_with_heart_planner_matches_nnunet_defaults(nnunet_d
             ref_plans, ref_config, dataset_json)
         # run_case_save stores the seg as int16
         assert_same_case((np.asarray(data[:]), np.asarray(seg[:]).astype(ref[1].dtype), props), ref)
+
+        # export (nnUNetv2_predict's path): logits resampled back to the original shape
+        logits = torch.from_numpy(np.random.default_rng(0).normal(size=(4, *data.shape[1:])).astype(np.float32))
+        label_manager = ref_plans.get_label_manager(dataset_json)
+        seg_ours, probs_ours = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.clone(), PlansManager(plans), manager, label_manager, props, return_probabilities=True)
+        seg_ref, probs_ref = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.clone(), ref_plans, ref_config, label_manager, props, return_probabilities=True)
+        assert np.abs(probs_ours - probs_ref).max() <= 1e-4
+        top2 = np.sort(probs_ref, axis=0)[-2:]
+        near_tie = top2[1] - top2[0] < 1e-5
+        assert np.all((seg_ours == seg_ref) | near_tie)
 
 
 @pytest.mark.parametrize("seed", range(3))
