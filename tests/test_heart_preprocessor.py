@@ -87,6 +87,7 @@ def with_default_preprocessing(plans: dict, configuration: str) -> dict:
     return plans
 
 
+@pytest.mark.slow
 def test_plan_and_preprocess_with_heart_planner_matches_nnunet_defaults(nnunet_dirs):
     root = write_dataset(nnunet_dirs["nnUNet_raw"])
     env = dict(os.environ, nnUNet_def_n_proc="2")
