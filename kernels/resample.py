@@ -8,7 +8,8 @@ mode='nearest')`, and batchgenerators `resize_segmentation`):
   `x = (k + 0.5) * n_in / n_out - 0.5`.
 - Order 0: the input voxel `floor(clamp(x, 0, n_in - 1) + 0.5)`.
 - Order 1: `x` clamped to [0, n_in - 1], `i = floor(x)`, weights `w0 = 1 - (x - i)`, `w1 = 1 - w0`
-  on voxels i and i + 1; tensor product over the three axes.
+  on voxels i and i + 1; tensor product over the three axes (done here in one pass: the four
+  input rows around an output row are blended, then two taps along the row).
 - Order 3: scipy pads every axis with 12 edge samples, runs the cubic B-spline prefilter (gain 6,
   pole sqrt(3) - 2, causal then anti-causal recursion) and evaluates the 4-tap cubic B-spline at
   `x + 12` (no clamping). Both the prefilter and the evaluation are separable, so this module
@@ -16,7 +17,8 @@ mode='nearest')`, and batchgenerators `resize_segmentation`):
   4 taps per axis instead of 64 per voxel.
 - Images are clipped to the input's [min, max] (per 2-D slice on the separate-z path), then
   stored in the input's dtype (numpy casting: integers truncate toward zero).
-- Segmentations, order 1 (`resize_segmentation`): every label's indicator is interpolated
+- Segmentations, order 1 (`resize_segmentation` of batchgenerators 0.25.5, the version
+  installed with nnunetv2 2.8.1, seg_tiebreak='nearest'): every label's indicator is interpolated
   (order 1, clipped to [0, 1]); the label with the largest value wins; on an exact tie the
   nearest-neighbour label wins if it is among the tied labels, else the smallest tied label.
   Here one pass over the output decides every voxel from its 8 neighbours; the indicator values
@@ -251,8 +253,9 @@ def _resample_axis(src: np.ndarray, axis: int, n_out: int, order: int, dst: np.n
 
 
 def _resample_image(img: np.ndarray, dst: np.ndarray, order: int, lo=-np.inf, hi=np.inf, axes=(0, 1, 2)):
-    """Resample the given axes of a 3-D image to dst.shape, separably; the last pass clips to
-    [lo, hi] and writes dst. Axes that shrink most go first (later passes touch less data)."""
+    """Resample the given axes of a 3-D image to dst.shape, clipped to [lo, hi]. Order 1: one
+    fused pass. Orders 0 and 3: one pass per axis, those that shrink most first (later passes
+    then touch less data); the last pass writes dst."""
     todo = [a for a in axes if img.shape[a] != dst.shape[a]]
     todo.sort(key=lambda a: dst.shape[a] / img.shape[a])
     if not todo:
