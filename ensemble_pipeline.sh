@@ -39,14 +39,15 @@ Options (environment variable in brackets; flags win):
   --plans NAME       plans identifier the planner writes (default: HeartPlans) [HEART_PLANS]
   --device cuda|cpu  (default: cuda; cpu with --demo) [HEART_DEVICE]
   --gpus LIST        GPU ids, one fold per GPU at a time (default: every visible GPU) [HEART_GPUS]
-  --parallel N       with --device cpu: folds trained at once (default: 1) [HEART_PARALLEL]
+  --parallel N       with --device cpu: folds trained at once (default: 1; 2 with --demo) [HEART_PARALLEL]
   --checkpoint NAME  checkpoint used for prediction (default: checkpoint_final.pth) [HEART_CHECKPOINT]
   --no-tta           predict without mirroring (8x fewer network passes; on with --demo) [HEART_NO_TTA=1]
   --only STEP[,..]   run just these steps (e.g. --only train --folds 3 for one cluster job)
   --force STEP       redo STEP and every step after it (repeatable; --only limits it to STEP)
   --skip-disk-check  do not stop when the disk estimate says preprocessing will not fit
   --demo             synthetic phantom (8 train, 4 test), CPU, HeartDemoPlanner/HeartDemoPlans,
-                     HeartTrainer_demo, folds 0,1, --no-tta, then Dice per class on the test cases
+                     HeartTrainer_demo, folds 0,1 side by side (--parallel 2), --no-tta, then
+                     Dice per class on the test cases
   -h, --help         this text
 
 Environment: nnUNet_n_proc_DA and nnUNet_def_n_proc default to 1 and 2 on CPU (unset on GPU);
@@ -65,7 +66,7 @@ DATASET=Dataset100_Heart
 SRC="${HEART_SRC:-}"; TEST_DIR="${HEART_TEST_DIR:-}"; WORK="${HEART_WORK:-}"; OUT="${HEART_OUT:-}"
 CONFIGS="${HEART_CONFIGS:-}"; FOLDS="${HEART_FOLDS:-}"; TRAINER="${HEART_TRAINER:-}"
 PLANNER="${HEART_PLANNER:-}"; PLANS="${HEART_PLANS:-}"; DEVICE="${HEART_DEVICE:-}"
-GPUS="${HEART_GPUS:-}"; PARALLEL="${HEART_PARALLEL:-1}"; CHECKPOINT="${HEART_CHECKPOINT:-checkpoint_final.pth}"
+GPUS="${HEART_GPUS:-}"; PARALLEL=""; CHECKPOINT="${HEART_CHECKPOINT:-checkpoint_final.pth}"
 RAW=""; PRE=""; RES=""; ONLY=""; FORCE=(); DEMO=0; SKIP_DISK=0; NO_TTA="${HEART_NO_TTA:-0}"
 
 while [[ $# -gt 0 ]]; do
@@ -90,6 +91,7 @@ done
 
 if [[ $DEMO == 1 ]]; then
   WORK="${WORK:-$PWD/nnunet_demo}"; DEVICE="${DEVICE:-cpu}"; FOLDS="${FOLDS:-0,1}"; NO_TTA=1
+  PARALLEL="${PARALLEL:-${HEART_PARALLEL:-2}}"
   PLANNER="${PLANNER:-HeartDemoPlanner}"; PLANS="${PLANS:-HeartDemoPlans}"; TRAINER="${TRAINER:-HeartTrainer_demo}"
   SRC="${SRC:-$WORK/phantom}"
   # The demo's synthetic Dataset100_Heart must never land in a real nnUNet_raw.
@@ -109,6 +111,7 @@ export nnUNet_results="${RES:-${nnUNet_results:-$WORK/nnUNet_results}}"
 IFS=',' read -r -a CONFIG_LIST <<<"$CONFIGS"
 IFS=',' read -r -a FOLD_LIST <<<"$FOLDS"
 for f in "${FOLD_LIST[@]}"; do [[ "$f" =~ ^[0-9]+$ ]] || die "--folds: '$f' is not a fold number"; done
+PARALLEL="${PARALLEL:-${HEART_PARALLEL:-1}}"
 [[ "$PARALLEL" =~ ^[1-9][0-9]*$ ]] || die "--parallel: '$PARALLEL' is not a positive number"
 [[ "$DEVICE" == cuda || "$DEVICE" == cpu ]] || die "--device must be cuda or cpu, not '$DEVICE'"
 step_index() { local i; for i in "${!STEPS[@]}"; do [[ "${STEPS[$i]}" == "$1" ]] && { echo "$i"; return; }; done; return 1; }
@@ -127,6 +130,13 @@ if [[ $DEVICE == cpu ]]; then
   export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
 fi
 NPROC="${nnUNet_def_n_proc:-8}"
+# Process counts are passed only where the user (or the CPU default) set them; otherwise
+# nnU-Net keeps its own per-command defaults (e.g. 4 for 3d_fullres preprocessing: RAM).
+PLAN_NP=(); PREDICT_NP=""
+if [[ -n "${nnUNet_def_n_proc:-}" ]]; then
+  PLAN_NP=(-np "$nnUNet_def_n_proc" -npfp "$nnUNet_def_n_proc")
+  PREDICT_NP="-npp $nnUNet_def_n_proc -nps $nnUNet_def_n_proc"
+fi
 export PYTHONUNBUFFERED=1   # fold logs show progress as it happens
 LOGS="$WORK/logs"; mkdir -p "$LOGS"
 RAW_DS="$nnUNet_raw/$DATASET"; PRE_DS="$nnUNet_preprocessed/$DATASET"; RES_DS="$nnUNet_results/$DATASET"
@@ -180,11 +190,14 @@ trap 'echo; note "interrupted; rerun the same command to continue"; exit 130' IN
 # run_jobs NAME... : runs the commands in JOB_CMD[NAME] on the free SLOTS (at most one job per
 # slot), logs to JOB_LOG[NAME]; the first failure stops all and shows that job's log tail.
 declare -A JOB_CMD=()
+GATE=""
 run_jobs() {
   local queue=("$@") free=("${SLOTS[@]}") name slot rc
   declare -A slot_of=()
   while (( ${#queue[@]} > 0 || ${#JOB_PID[@]} > 0 )); do
     while (( ${#queue[@]} > 0 && ${#free[@]} > 0 )); do
+      # The first training writes splits_final.json; parallel folds wait for it rather than race.
+      if [[ -n "$GATE" && ! -f "$GATE" ]] && (( ${#JOB_PID[@]} > 0 )); then break; fi
       name="${queue[0]}"; queue=("${queue[@]:1}"); slot="${free[0]}"; free=("${free[@]:1}")
       { echo "=== $(date '+%F %T') on $slot: ${JOB_CMD[$name]}"; } >>"${JOB_LOG[$name]}"
       if [[ $DEVICE == cuda ]]; then
@@ -249,7 +262,7 @@ step_plan() {
   if ! forced plan && utils preprocessed "$PRE_DS" "$PLANS" "$CONFIGS" "$RAW_DS" 2>/dev/null; then already_done; return 0; fi
   if [[ $SKIP_DISK == 0 ]]; then utils disk-check "$RAW_DS" "$nnUNet_preprocessed" "${#CONFIG_LIST[@]}"; fi
   log_cmd "$LOGS/plan.log" nnUNetv2_plan_and_preprocess -d "$DATASET_ID" -pl "$PLANNER" -c "${CONFIG_LIST[@]}" \
-    -np "$NPROC" -npfp "$NPROC" --verify_dataset_integrity
+    "${PLAN_NP[@]+"${PLAN_NP[@]}"}" --verify_dataset_integrity
   utils preprocessed "$PRE_DS" "$PLANS" "$CONFIGS" "$RAW_DS"
 }
 
@@ -279,7 +292,9 @@ step_train() {
     done
   done
   if (( ${#jobs[@]} == 0 )); then already_done; return 0; fi
+  GATE="$PRE_DS/splits_final.json"
   run_jobs "${jobs[@]}"
+  GATE=""
 }
 
 step_validate() {
@@ -333,7 +348,7 @@ step_predict() {
     for ((i = 0; i < parts; i++)); do
       local name="predict_${c}_part$i"
       JOB_CMD[$name]="exec nnUNetv2_predict -i '$RAW_DS/imagesTs' -o '$dir' -d $DATASET_ID -tr $tr -p $pl -c $c \
--f ${FOLD_LIST[*]} -chk $CHECKPOINT -device $DEVICE -npp $NPROC -nps $NPROC --continue_prediction \
+-f ${FOLD_LIST[*]} -chk $CHECKPOINT -device $DEVICE $PREDICT_NP --continue_prediction \
 --disable_progress_bar -num_parts $parts -part_id $i ${npz:+--save_probabilities} $tta"
       JOB_LOG[$name]="$LOGS/$name.log"
       jobs+=("$name")
