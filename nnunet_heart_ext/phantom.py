@@ -9,7 +9,7 @@ on the case's voxel grid, so structures keep their physical size whatever the sp
     heart: tissue ~40 HU, right ventricle and left atrium blood ~0.7-0.9 x contrast
     left ventricle: blood pool (contrast 300-450 HU) inside a myocardium shell (100-150 HU,  label 1)
     LV outflow tract -> aortic root: blood; aortic valve where they meet: annulus ring and three
-        cusps bulging toward the ventricle, ~150 HU                                          (label 2)
+        cusps bulging toward the ventricle, ~90 HU                                           (label 2)
     calcifications: 1-4 tiny blobs of 800-1300 HU on the valve, in about a third of the cases (label 3)
     + Gaussian noise (15-30 HU); small random shift, rotation and size of the heart per case.
 
@@ -203,9 +203,10 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     lab[box.slices][myocardium] = 1
 
     # aortic valve: annulus ring plus three cusps bulging toward the ventricle. The label is drawn
-    # thick enough to span two voxels at the case's in-plane spacing; the tissue inside it is
-    # thinner, so (as in real annotations) the label also covers contrast blood around the leaflets
-    thickness = max(2.0, 2.2 * spacing[1])
+    # thick enough to span three voxels at the case's in-plane spacing; the leaflet tissue fills most
+    # of it (a thinner tissue sheet, blurred into the contrast blood, left the class unlearnable for
+    # the CPU demo's small network in its few hundred iterations)
+    thickness = max(2.5, 3.0 * spacing[1])
     depth = 0.45 * ao_r
     vbox = _Box(shape, spacing, valve_at, np.full(3, ao_r + 3 * thickness + 4))
     valve_frame = _frame(ao_axis)
@@ -219,7 +220,7 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
         & (w >= cusp_surface) & (w <= cusp_surface + 1.5 * thickness)  # where the cusps meet (Y shape)
     ring = (r - ao_r) ** 2 + w ** 2 <= (0.9 * thickness) ** 2
     valve = leaflets | commissures | ring
-    img[vbox.slices][(from_cusp <= 0.3 * thickness) & (r <= ao_r) | ring] = rng.uniform(130.0, 180.0)
+    img[vbox.slices][(from_cusp <= 0.45 * thickness) & (r <= ao_r) | ring] = rng.uniform(60.0, 120.0)
     lab[vbox.slices][valve] = 2
 
     # calcifications: tiny bright blobs at the cusps' bases, at least ~one voxel across on every axis

@@ -75,13 +75,13 @@ def test_geometry_labels_and_intensities(phantom):
             assert 5 <= counts[3] < counts[2], f"{label_path}: calcification should be tiny but present"
             assert np.median(image[seg == 3]) > 600
         # left-ventricle blood pool: inside the myocardium's bounding box, brighter than the muscle;
-        # the valve label holds thin leaflets in contrast blood, so it lies between the two
+        # the valve label holds soft-tissue leaflets (with some contrast blood at their edges)
         zz, yy, xx = np.nonzero(seg == 1)
         box = image[zz.min():zz.max() + 1, yy.min():yy.max() + 1, xx.min():xx.max() + 1]
         blood = np.median(box[(box > 250) & (box < 600)])
         assert ((box > 250) & (box < 600)).sum() > counts[1] / 4 and 290 <= blood <= 460
         myo, valve = np.median(image[seg == 1]), np.median(image[seg == 2])
-        assert 80 < myo < 170 and myo < valve < blood
+        assert 80 < myo < 170 and 40 < valve < blood - 100
         assert np.median(image[0, :3, :3]) < -950  # air in the corner of the first slice
         assert ((image > -950) & (image < -750)).mean() > 0.01  # lungs
         assert image.dtype == np.float32 and 10 < np.std(image[0, :8, :8]) < 40  # noise on the air
