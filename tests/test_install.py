@@ -65,11 +65,11 @@ def _check_predictions(images_ts: Path, pred: Path):
         assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3}
 
 
-def _checkpoint_trainer_name(results: Path, plans: str) -> str:
+def _checkpoint(results: Path, plans: str) -> dict:
     import torch
 
     checkpoint = results / "Dataset100_Heart" / f"{SMOKE_TRAINER}__{plans}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer_name"]
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
 
 
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
@@ -93,7 +93,9 @@ def test_official_commands_after_pip_install(tmp_path, nnunetv2_digest, editable
         arch = plans_json["configurations"]["3d_fullres"]["architecture"]
         assert arch["network_class_name"].endswith("ResidualEncoderUNet")
         assert (out["nnUNet_preprocessed"] / "Dataset100_Heart" / "HeartPlans_3d_fullres").is_dir()
-    assert _checkpoint_trainer_name(out["nnUNet_results"], plans) == SMOKE_TRAINER
+    checkpoint = _checkpoint(out["nnUNet_results"], plans)
+    assert checkpoint["trainer_name"] == SMOKE_TRAINER
+    assert checkpoint["inference_allowed_mirroring_axes"] is None  # the CPU schedules predict unmirrored
     _check_predictions(out["images_ts"], out["pred"])
     assert out["zip"].is_file()
 

@@ -14,6 +14,17 @@ class HeartTrainer(nnUNetTrainer):
     """The extension's trainer. Schedule variants (`HeartTrainer_250epochs`, ...) live in
     `schedules.py`; `HeartTrainer_nnUNetLoss` keeps nnU-Net's own loss for comparisons."""
 
+    # Mirroring at validation and prediction (nnU-Net: on; it is stored in the checkpoint, so
+    # nnUNetv2_predict follows it). The CPU schedules switch it off: it costs 8x the sliding-window
+    # passes. Training augmentation keeps its mirroring either way.
+    test_time_mirroring = True
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.test_time_mirroring:
+            self.inference_allowed_mirroring_axes = None
+        return settings
+
     def _build_loss(self):
         """nnU-Net's loss exactly as nnUNetTrainer builds it (settings, deep-supervision weights),
         with its Dice + CE swapped for the fused kernel of the same settings (same value and

@@ -21,11 +21,13 @@ SCHEDULES = {
     "2000epochs": {"num_epochs": 2000},
     "4000epochs": {"num_epochs": 4000},
     # Tests and smoke runs of the official commands: seconds, learns nothing.
-    "smoke": {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1},
+    "smoke": {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+              "test_time_mirroring": False},
     # Synthetic phantom on a CPU: short epochs, a higher foreground share for the small classes
     # and twice nnU-Net's learning rate (in a trial the valve appeared after ~17 such epochs).
     "demo": {"num_epochs": 30, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5,
-             "oversample_foreground_percent": 0.66, "save_every": 5, "initial_lr": 0.02},
+             "oversample_foreground_percent": 0.66, "save_every": 5, "initial_lr": 0.02,
+             "test_time_mirroring": False},
 }
 
 
