@@ -1,5 +1,6 @@
 """The import hook and the registry, in this process and in fresh interpreters."""
 import itertools
+import os
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,6 @@ def test_schedule_variant_sets_its_attributes_after_the_base_init():
 
 
 def test_nnunet_own_names_still_win_and_unknown_names_still_fail():
-    import os
     folder = os.path.join(nnunetv2.__path__[0], "experiment_planning")
     planner = recursive_find_python_class(folder, "ExperimentPlanner", "nnunetv2.experiment_planning")
     assert planner.__module__.startswith("nnunetv2.")
@@ -48,7 +48,6 @@ def test_nnunet_own_names_still_win_and_unknown_names_still_fail():
 
 
 def test_trainer_names_are_unique_across_nnunet():
-    import os
     folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
     original = recursive_find_python_class.__wrapped__
     for name in ["HeartTrainer", "HeartTrainer_nnUNetLoss", *schedules.__all__]:
@@ -61,7 +60,7 @@ def test_hook_is_disabled_by_env_and_patches_spawned_interpreters(tmp_path):
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert found.returncode == 0 and found.stdout.strip() == "HeartTrainer_demo", found.stderr
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "NNUNET_HEART_EXT_DISABLE": "1"})
+                         env={**os.environ, "NNUNET_HEART_EXT_DISABLE": "1"})
     assert off.returncode != 0 and "Could not find requested nnunet trainer" in off.stderr
     # A spawn-started worker (nnU-Net's preprocessing and export pools) resolves names too.
     script = tmp_path / "spawned.py"
@@ -88,7 +87,7 @@ def test_user_trainers_through_nnUNet_extTrainer_keep_working(tmp_path, monkeypa
     """))
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f;"
             "c = f('MyHeartTrainer'); print(c.__name__, c.__mro__[1].__name__)")
-    env = {**__import__("os").environ, "nnUNet_extTrainer": str(folder)}
+    env = {**os.environ, "nnUNet_extTrainer": str(folder)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "MyHeartTrainer HeartTrainer"
