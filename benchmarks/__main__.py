@@ -23,6 +23,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=",".join(names), help=f"comma-separated subset of {names}")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for reporting)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    for name in names:  # each benchmark's own options
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parser.add_argument_group(f"bench_{name}"))
     args = parser.parse_args(argv)
     failed = []
     for name in args.only.split(","):

@@ -36,9 +36,11 @@ def add_arguments(parser):
     parser.add_argument("--loss-repeat", type=int, default=10, help="timed runs a loss (GPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip nnU-Net's compiled Dice")
     parser.add_argument("--budget-s", type=float, default=170,
-                        help="start no new section after this many seconds (gpu_check.sh gives 240 s)")
+                        help="start no new section after this many seconds")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads for the CPU part (1: steadier on a shared machine)")
+    parser.add_argument("--loss-devices", default="cuda,cpu",
+                        help="which parts to run: cuda, cpu or both (gpu_check.sh: cuda)")
 
 
 def plan_pooling(patch):
@@ -152,6 +154,8 @@ def loss_rows(device, patches, dtype, repeat, compile_dice, copy_bw=None):
         timings = time_interleaved(fns, repeat, sync)
         fused_s = timings["fused"][1]  # the fused loss is not allowed to fail
         for name, (min_s, median_s, first_s) in timings.items():
+            for x in logits:  # the previous call's gradients are not part of the baseline
+                x.grad = None
             extra = peak_extra_bytes(fns[name], device)
             row = {"device": device, "patch": "x".join(map(str, patch)), "outputs": len(logits),
                    "logits": str(dtype).replace("torch.", ""), "loss": name, "fwd_bwd_ms": 1e3 * median_s,
@@ -226,6 +230,93 @@ def make_training_step(device, patch, features, blocks, amp, inner, data, target
     return step
 
 
+def kernel_profile(patch, repeat=5):
+    """Where the fused loss's time goes on CUDA: kernels (name, launches, device ms) per
+    forward + backward under torch.profiler, against the wall time of the same iterations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    logits, targets = deep_supervision_inputs(patch, "cuda", torch.float16)
+    loss = DeepSupervisionWrapper(FusedDiceCELoss(dict(SOFT_DICE), {}), deep_supervision_weights(len(logits)))
+    for _ in range(2):
+        forward_backward(loss, logits, targets, True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            forward_backward(loss, logits, targets, True)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / repeat
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0)
+        if device_us > 0 or event.self_cpu_time_total > 0:
+            kernels.append({"kernel": event.key[:60], "calls_per_iter": event.count / repeat,
+                            "device_ms_per_iter": device_us / 1e3 / repeat,
+                            "self_cpu_ms_per_iter": event.self_cpu_time_total / 1e3 / repeat})
+    device_total = sum(k["device_ms_per_iter"] for k in kernels if k["self_cpu_ms_per_iter"] == 0)
+    kernels.sort(key=lambda k: -max(k["device_ms_per_iter"], k["self_cpu_ms_per_iter"]))
+    return {"patch": "x".join(map(str, patch)), "wall_ms_per_iter_profiled": 1e3 * wall,
+            "device_ms_per_iter": device_total, "kernels": kernels[:16]}
+
+
+def launch_overhead():
+    """Host cost of one launch: an empty Triton kernel, a one-element torch add, and the fused
+    loss's forward + backward on a 2 x 4 x 8^3 input (the device has nothing to do)."""
+    from nnunet_heart_ext.kernels._triton import tl, triton
+
+    @triton.jit
+    def _empty(x_ptr, N, BLOCK: tl.constexpr):
+        pass
+
+    x = torch.zeros(8, device="cuda")
+    tiny = torch.randn((2, 4, 8, 8, 8), device="cuda", dtype=torch.float16, requires_grad=True)
+    target = torch.randint(0, 4, (2, 1, 8, 8, 8), device="cuda", dtype=torch.int16)
+    loss = FusedDiceCELoss(dict(SOFT_DICE), {})
+
+    def fused_tiny():
+        tiny.grad = None
+        loss(tiny, target).backward()
+
+    result = {}
+    for name, fn in {"triton_empty_kernel": lambda: _empty[(1,)](x, 8, BLOCK=8), "torch_add": lambda: x.add_(1),
+                     "fused_loss_fwd_bwd_tiny": fused_tiny}.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        result[f"{name}_us"] = (time.perf_counter() - t0) / 500 * 1e6
+    print("host cost per call:", {k: round(v, 1) for k, v in result.items()}, flush=True)
+    return result
+
+
+def launch_sweep(patch, repeat):
+    """Fused forward + backward at each launch configuration of the Triton kernels."""
+    from nnunet_heart_ext.kernels import fused_dice_ce
+
+    saved = dict(fused_dice_ce.LAUNCH)
+    logits, targets = deep_supervision_inputs(patch, "cuda", torch.float16)
+    loss = DeepSupervisionWrapper(FusedDiceCELoss(dict(SOFT_DICE), {}), deep_supervision_weights(len(logits)))
+    rows = []
+    try:
+        configs = [dict(sums_tile_elements=tile, sums_num_warps=warps, max_programs=programs)
+                   for tile in (1024, 2048, 4096) for warps in (4, 8) for programs in (1024, 4096)]
+        configs += [dict(grad_tile_elements=tile, grad_num_warps=warps) for tile in (2048, 8192) for warps in (4, 8)]
+        for config in configs:
+            fused_dice_ce.LAUNCH.update(saved)
+            fused_dice_ce.LAUNCH.update(config)
+            t = time_call(lambda: forward_backward(loss, logits, targets, True), repeat=repeat, warmup=2,
+                          sync=torch.cuda.synchronize)
+            rows.append({"patch": "x".join(map(str, patch)), **fused_dice_ce.LAUNCH, "fwd_bwd_ms": 1e3 * t["median_s"]})
+    finally:
+        fused_dice_ce.LAUNCH.update(saved)
+    return rows
+
+
 def plot(rows, ax):
     labels = [f"{r['device']} {r['patch']}\n{r['loss']}" for r in rows]
     ax.barh(range(len(rows)), [r["fwd_bwd_ms"] for r in rows],
@@ -242,23 +333,31 @@ def main(args):
     budget_s = getattr(args, "budget_s", 170)
     rows, step_rows, extra = [], [], {"skipped": []}
     sections = []
-    if torch.cuda.is_available():
+    devices = getattr(args, "loss_devices", "cuda,cpu").split(",")
+    if torch.cuda.is_available() and "cuda" in devices:
         def measure_copy():
             extra["cuda_copy_GBps"] = copy_bandwidth("cuda") / 1e9
             print(f"device copy bandwidth: {extra['cuda_copy_GBps']:.0f} GB/s", flush=True)
         sections.append(("cuda copy bandwidth", measure_copy))
-        for patch in [(64, 64, 64)] if quick else [(128, 128, 128), (160, 320, 256)]:
+        patches = [(64, 64, 64)] if quick else [(128, 128, 128), (160, 320, 256)]
+        for patch in patches:
             sections.append((f"cuda loss {patch}", lambda patch=patch: rows.extend(loss_rows(
                 "cuda", [patch], torch.float16, repeat, compile_dice, extra.get("cuda_copy_GBps", 0) * 1e9))))
+        sections.append(("cuda launch overhead", lambda: extra.__setitem__("cuda_launch_overhead", launch_overhead())))
+        sections.append(("cuda profile", lambda: extra.__setitem__(
+            "cuda_profile", [kernel_profile(patch) for patch in patches])))
         step_patch = (64, 64, 64) if quick else (128, 128, 128)
         sections.append((f"cuda training step {step_patch}", lambda: step_rows.extend(training_step_rows(
             "cuda", step_patch, 32, (1, 3, 4, 6, 6, 6), 3 if quick else 5, compile_dice))))
-    # CPU: fp32 as nnU-Net trains there, eager (nnU-Net compiles only on CUDA)
-    cpu_patches = [(32, 32, 32)] if quick else [(64, 64, 64), (64, 128, 128)]
-    sections.append(("cpu loss", lambda: rows.extend(loss_rows("cpu", cpu_patches, torch.float32,
-                                                                3 if quick else 10, False))))
-    sections.append(("cpu training step", lambda: step_rows.extend(training_step_rows(
-        "cpu", (32, 32, 32) if quick else (64, 64, 64), 8, (1, 1, 2, 2, 2, 2), 2 if quick else 5, False))))
+        sections.append(("cuda launch sweep", lambda: extra.__setitem__(
+            "cuda_launch_sweep", launch_sweep(patches[-1], 3 if quick else 10))))
+    if "cpu" in devices:
+        # CPU: fp32 as nnU-Net trains there, eager (nnU-Net compiles only on CUDA)
+        cpu_patches = [(32, 32, 32)] if quick else [(64, 64, 64), (64, 128, 128)]
+        sections.append(("cpu loss", lambda: rows.extend(loss_rows("cpu", cpu_patches, torch.float32,
+                                                                    3 if quick else 10, False))))
+        sections.append(("cpu training step", lambda: step_rows.extend(training_step_rows(
+            "cpu", (32, 32, 32) if quick else (64, 64, 64), 8, (1, 1, 2, 2, 2, 2), 2 if quick else 5, False))))
 
     threads = torch.get_num_threads()
     start = time.perf_counter()
@@ -285,6 +384,11 @@ def main(args):
                       "training step: the network runs eager (nnU-Net would also compile it on CUDA), "
                       "CPU rows use cpu_threads torch threads.")
     print_table(step_rows, "one training step with each loss")
+    for profile_ in extra.get("cuda_profile", []):
+        print_table(profile_["kernels"], f"fused loss kernels per forward + backward, {profile_['patch']}: "
+                    f"{profile_['device_ms_per_iter']:.3f} ms of kernels on the device, "
+                    f"{profile_['wall_ms_per_iter_profiled']:.3f} ms wall (profiled)")
+    print_table(extra.get("cuda_launch_sweep", []), "fused loss launch configurations")
     if extra["skipped"]:
         print("skipped:", *extra["skipped"], sep="\n  ")
     report("loss", rows, title="Dice + CE with deep supervision, forward + backward",

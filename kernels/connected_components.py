@@ -39,13 +39,14 @@ CPU path
     projections), labels each box with cc3d and counts sizes box by box: on a CT heart mask the
     boxes hold about 3 % of the volume. See benchmarks/bench_cc.py for the timings.
 """
-import os
-
 import cc3d
 import numpy as np
 import torch
-import triton
-import triton.language as tl
+
+from nnunet_heart_ext.kernels._triton import AVAILABLE as _TRITON_AVAILABLE
+from nnunet_heart_ext.kernels._triton import INTERPRET as _TRITON_ON_CPU
+from nnunet_heart_ext.kernels._triton import REASON as _TRITON_REASON
+from nnunet_heart_ext.kernels._triton import tl, triton
 
 FULL_CONNECTIVITY = {2: 8, 3: 26}
 VALID_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
@@ -149,6 +150,8 @@ def _relabel_kernel(mask_ptr, parent_ptr, labels_ptr, numel, BLOCK: tl.constexpr
 def label_triton(mask: torch.Tensor, connectivity: int = None):
     """`label` with the Triton kernels on the tensor's device (CUDA, or the CPU when
     TRITON_INTERPRET=1, as in the tests). Returns (int32 labels tensor, n)."""
+    if not _TRITON_AVAILABLE:
+        raise ValueError(f"label_triton: {_TRITON_REASON}")
     if not _runs_triton(mask):
         raise ValueError("label_triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
     neighbours = _neighbours_3d(mask.ndim, connectivity)
@@ -260,8 +263,8 @@ def label(mask, connectivity: int = None):
     if isinstance(mask, torch.Tensor):
         if _runs_triton(mask):
             return label_triton(mask, connectivity)
-        labels, n = label(mask.numpy(), connectivity)
-        return torch.from_numpy(labels), n
+        labels, n = label(mask.cpu().numpy(), connectivity)
+        return torch.from_numpy(labels).to(mask.device), n
     mask = _as_bool_mask(mask)
     return _label_cc3d(mask, _neighbours_3d(mask.ndim, connectivity))
 
@@ -272,7 +275,8 @@ def remove_all_but_largest_component(binary_image, connectivity: int = None):
     if isinstance(binary_image, torch.Tensor):
         if _runs_triton(binary_image):
             return _keep_largest_torch(*label_triton(binary_image, connectivity))
-        return torch.from_numpy(remove_all_but_largest_component(binary_image.numpy(), connectivity))
+        keep = remove_all_but_largest_component(binary_image.cpu().numpy(), connectivity)
+        return torch.from_numpy(keep).to(binary_image.device)
     mask = _as_bool_mask(binary_image)
     return _keep_largest_cc3d(mask, _neighbours_3d(mask.ndim, connectivity))
 
@@ -299,7 +303,7 @@ def remove_all_but_largest_component_from_segmentation(segmentation, labels_or_r
         return ret
     if isinstance(segmentation, torch.Tensor):
         return torch.from_numpy(remove_all_but_largest_component_from_segmentation(
-            segmentation.numpy(), labels_or_regions, background_label))
+            segmentation.cpu().numpy(), labels_or_regions, background_label)).to(segmentation.device)
     mask = _mask_of_values(segmentation, values)
     neighbours = _neighbours_3d(mask.ndim, None)
     ret = np.copy(segmentation)
@@ -330,7 +334,9 @@ def _mask_of_values(segmentation: np.ndarray, values: list) -> np.ndarray:
 
 
 def _runs_triton(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) take the Triton kernels where
+    Triton imports; elsewhere everything runs on the CPU with cc3d."""
+    return _TRITON_AVAILABLE and (tensor.is_cuda or _TRITON_ON_CPU)
 
 
 def _as_bool_mask(mask) -> np.ndarray:

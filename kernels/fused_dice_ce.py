@@ -1,35 +1,38 @@
-"""Fused softmax + soft Dice + cross-entropy loss: nnU-Net's default loss in two passes.
+"""Fused softmax + soft Dice (or Tversky) + cross-entropy loss: nnU-Net's default loss in two passes.
 
 Same value and gradient as nnU-Net's
 `DC_and_CE_loss(soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice, ignore_label,
 dice_class=MemoryEfficientSoftDiceLoss)` for logits `x` of shape (B, C, *spatial) and integer
 labels `t` of shape (B, 1, *spatial) (float or integer dtype, as nnU-Net gives them). No one-hot
-tensor is ever made; the Triton path stores no probabilities either (the torch path keeps them
-between its two passes).
+tensor is ever made, and the Triton path stores no probabilities.
 
 Reference maths (v: voxel, k: class, m_v = [t_v != ignore_label], labels at ignored voxels
-count as 0, y_kv = [t_v == k], s = smooth):
+count as 0, y_kv = [t_v == k], s = smooth, a/b = Tversky's alpha/beta):
 
     p_kv  = softmax(x)_kv over k
     I_bk  = sum_v m p_kv y_kv      P_bk = sum_v m p_kv      G_bk = sum_v m y_kv
     batch_dice: I, P, G summed over b (and over DDP ranks when ddp=True)
-    dc_k  = (2 I_k + s) / max(G_k + P_k + s, 1e-8)
-    Dice  = -mean(dc) over k (and b when not batch_dice); k >= 1 unless do_bg
+    n_k   = 2 I_k + s
+    den_k = 2 I_k + 2a (P_k - I_k) + 2b (G_k - I_k) + s      (a = b = 0.5: G_k + P_k + s)
+    T_k   = n_k / max(den_k, 1e-8)       (a = b = 0.5, the default, is nnU-Net's soft Dice exactly)
+    Dice  = -mean(T) over k (and b when not batch_dice); k >= 1 unless do_bg
     CE    = sum_bv m (logsumexp_k x_kv - x_{t_v,v}) / sum_bv m     (0 when every voxel is ignored)
     loss  = weight_ce * CE + weight_dice * Dice
 
-    gradient, with g_kv = m (A_k y_kv + B_k),  A_k = dloss/dI_k,  B_k = dloss/dP_k:
-    A_k = -weight_dice * 2 / (K den_k),   B_k = weight_dice * (2 I_k + s) / (K den_k^2)
-          (den_k = clamped denominator, K = number of averaged Dice terms, A = B = 0 for the
-          background when not do_bg; B = 0 where the clamp is active)
+    gradient, with g_kv = m (A_k y_kv + B_k),  A_k = dloss/dI_k,  B_k = dloss/dP_k,
+    f = weight_dice / K (K = number of averaged terms), c = 1 - a - b:
+    A_k = -f (2 den_k - 2c n_k) / den_k^2,   B_k = f 2a n_k / den_k^2
+          (clamped den_k < 1e-8: A_k = -2f / 1e-8, B_k = 0; A = B = 0 for the background
+          when not do_bg)
     dloss/dx_kv = p_kv (g_kv - sum_j p_jv g_jv) + m weight_ce (p_kv - y_kv) / sum_v m
 
-Passes (Liger-Kernel's "gradient in forward" trick): pass 1 reads logits and labels and writes
-only per-block partial sums of I, P, G and the CE sum; the coefficients A, B come from those
-sums; pass 2 reads logits and labels again and writes the gradient. Backward only scales the
-stored gradient by grad_output. fp16 gradients are stored times a power of two `S` chosen from
-a bound on their size (a CE gradient of 1 / (B D H W) would be below fp16's normal range), and
-backward multiplies by grad_output / S.
+Passes: pass 1 (forward) reads logits and labels and writes only per-program partial sums of
+I, P, G and the CE sum; a one-program finalize kernel turns them into the loss and the
+coefficients A, B, ce_scale; pass 2 (backward) reads logits and labels again and writes the
+gradient times grad_output, rounded once to the logits' dtype. That is the traffic floor: two
+reads of the logits and labels and one gradient write, and one rounding of the gradient (a
+gradient stored in forward and scaled by a deep-supervision weight in backward is rounded
+twice, and read and written once more). Backward may run more than once (retain_graph).
 
 DDP (`ddp=True`, batch_dice, an initialised process group): the (C,) sums are all-reduced, and the
 Dice gradient carries the factor world_size that nnU-Net's AllGatherGrad gives it (each rank's
@@ -37,30 +40,32 @@ identical loss sends its gradient to every rank); DDP's gradient averaging then 
 This assumes the same grad_output on every rank, which holds for nnU-Net's training step.
 
 Backends: CUDA tensors run the Triton kernels; CPU tensors run the same maths in torch, or the
-Triton kernels through Triton's interpreter when TRITON_INTERPRET=1 (how CI tests them). Logits
-may be fp32, fp16 or bf16 (fp64 always takes the torch path, in fp64); sums are accumulated in
-fp32 and the gradient is written in the logits' dtype.
+Triton kernels through Triton's interpreter when TRITON_INTERPRET=1 (how CI tests them). Where
+Triton does not import, CUDA tensors take the torch path. Logits may be fp32, fp16 or bf16 (fp64
+always takes the torch path, in fp64); sums are accumulated in fp32 and the gradient is written
+in the logits' dtype.
 """
-import os
-
 import torch
-import triton
-import triton.language as tl
 from torch import nn
 
-# TRITON_INTERPRET is read by triton.jit when this module is imported, so it is read here too.
-_TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from nnunet_heart_ext.kernels._triton import AVAILABLE as _TRITON_AVAILABLE
+from nnunet_heart_ext.kernels._triton import INTERPRET as _TRITON_ON_CPU
+from nnunet_heart_ext.kernels._triton import REASON as _TRITON_REASON
+from nnunet_heart_ext.kernels._triton import tl, triton
+
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FP16_GRAD_TARGET = 2.0 ** 14  # largest stored |gradient| after scaling: headroom below 65504
+# Launch configuration: elements (classes x voxels) a tile, warps a program, pass-1 programs per
+# sample at most (each loops over its tiles). benchmarks/bench_loss.py sweeps these on a GPU.
+LAUNCH = {"sums_tile_elements": 2048, "sums_num_warps": 4, "max_programs": 1024,
+          "grad_tile_elements": 4096, "grad_num_warps": 4}
+_CLAMP = 1e-8  # nnU-Net's clamp_min of the Dice denominator
 
 
 @triton.jit
-def _load_block(x_ptr, t_ptr, N, ignore_label, C: tl.constexpr, C_PAD: tl.constexpr,
-                BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
-    """Logits (C_PAD, BLOCK) as fp32, softmax, labels and the voxel mask of one tile."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    voxels = pid * BLOCK + tl.arange(0, BLOCK)
+def _load_tile(x_ptr, t_ptr, start, b, N, ignore_label, C: tl.constexpr, C_PAD: tl.constexpr,
+               BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
+    """Logits (C_PAD, BLOCK) as fp32, softmax, labels and the voxel mask of the tile at `start`."""
+    voxels = start + tl.arange(0, BLOCK)
     classes = tl.arange(0, C_PAD)
     in_range = voxels < N
     labels = tl.load(t_ptr + b * N + voxels, mask=in_range, other=0).to(tl.int32)
@@ -78,41 +83,113 @@ def _load_block(x_ptr, t_ptr, N, ignore_label, C: tl.constexpr, C_PAD: tl.conste
     e_sum = tl.sum(e, axis=0)
     p = e / e_sum[None, :]
     is_label = classes[:, None] == labels[None, :]
-    return x, p, is_label, valid, x_max + tl.log(e_sum), offsets, in_tile, classes, b, pid
+    return x, p, is_label, valid, x_max + tl.log(e_sum), offsets, in_tile
 
 
 @triton.jit
-def _dice_ce_sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr,
-                         C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
-    """Pass 1: partial[b, block] = (I_k, P_k, G_k, CE sum) over this tile's voxels."""
-    x, p, is_label, valid, lse, offsets, in_tile, classes, b, pid = _load_block(
-        x_ptr, t_ptr, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
-    p = tl.where(valid[None, :], p, 0.0)
-    inter = tl.sum(tl.where(is_label, p, 0.0), axis=1)
-    pred = tl.sum(p, axis=1)
-    gt = tl.sum(tl.where(is_label & valid[None, :], 1.0, 0.0), axis=1)
-    x_label = tl.sum(tl.where(is_label, x, 0.0), axis=0)
-    ce = tl.sum(tl.where(valid, lse - x_label, 0.0), axis=0)
-    out = partial_ptr + (b * tl.num_programs(0) + pid) * 4 * C_PAD + classes
+def _sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_PAD: tl.constexpr,
+                 BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
+    """Pass 1: partial[b, q, k, program] = this program's I_k, P_k, G_k (q = 0, 1, 2) and CE sum
+    (q = 3, k = 0) over the tiles pid, pid + programs, ... of sample b."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    classes = tl.arange(0, C_PAD)
+    # elementwise accumulators, reduced once at the end (a reduction per tile would wait on
+    # shared memory every iteration)
+    inter = tl.zeros((C_PAD, BLOCK), tl.float32)
+    pred = tl.zeros((C_PAD, BLOCK), tl.float32)
+    gt = tl.zeros((C_PAD, BLOCK), tl.float32)
+    ce = tl.zeros((BLOCK,), tl.float32)
+    for start in range(pid * BLOCK, N, programs * BLOCK):
+        x, p, is_label, valid, lse, offsets, in_tile = _load_tile(
+            x_ptr, t_ptr, start, b, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
+        p = tl.where(valid[None, :], p, 0.0)
+        inter += tl.where(is_label, p, 0.0)
+        pred += p
+        gt += tl.where(is_label & valid[None, :], 1.0, 0.0)
+        x_label = tl.sum(tl.where(is_label, x, 0.0), axis=0)
+        ce += tl.where(valid, lse - x_label, 0.0)
+    inter = tl.sum(inter, axis=1)
+    pred = tl.sum(pred, axis=1)
+    gt = tl.sum(gt, axis=1)
+    ce = tl.where(classes == 0, tl.sum(ce, axis=0), 0.0)
+    out = partial_ptr + b * 4 * C_PAD * programs + classes * programs + pid
     tl.store(out, inter)
-    tl.store(out + C_PAD, pred)
-    tl.store(out + 2 * C_PAD, gt)
-    tl.store(out + 3 * C_PAD, tl.where(classes == 0, ce, 0.0))
+    tl.store(out + C_PAD * programs, pred)
+    tl.store(out + 2 * C_PAD * programs, gt)
+    tl.store(out + 3 * C_PAD * programs, ce)
 
 
 @triton.jit
-def _dice_ce_grad_kernel(x_ptr, t_ptr, coef_ptr, grad_ptr, N, ignore_label, C: tl.constexpr,
-                         C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr,
-                         ROUND_BF16: tl.constexpr):
-    """Pass 2: grad = S * (p (g - sum_j p_j g_j) + ce_scale (p - y)) on valid voxels, where
-    coef[b] = (A_k, B_k, (ce_scale, S, 0...))."""
-    x, p, is_label, valid, lse, offsets, in_tile, classes, b, pid = _load_block(
-        x_ptr, t_ptr, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
+def _finalize_kernel(partial_ptr, loss_ptr, coef_ptr, B, P, smooth, alpha, beta, weight_ce, weight_dice,
+                     C: tl.constexpr, C_PAD: tl.constexpr, B_PAD: tl.constexpr, P_BLOCK: tl.constexpr,
+                     BATCH_DICE: tl.constexpr, FIRST: tl.constexpr):
+    """One program: sums over the P partials, then loss_ptr[0] = loss and
+    coef[b] = (A_k, B_k, (ce_scale, 0, ...)) as in the module docstring."""
+    bs = tl.arange(0, B_PAD)
+    classes = tl.arange(0, C_PAD)
+    ps = tl.arange(0, P_BLOCK)
+    inter = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    pred = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    gt = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    ce = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    base = partial_ptr + bs[:, None, None] * 4 * C_PAD * P + classes[None, :, None] * P + ps[None, None, :]
+    for p0 in range(0, P, P_BLOCK):
+        m = (bs[:, None, None] < B) & (p0 + ps[None, None, :] < P)
+        inter += tl.load(base + p0, mask=m, other=0.0)
+        pred += tl.load(base + p0 + C_PAD * P, mask=m, other=0.0)
+        gt += tl.load(base + p0 + 2 * C_PAD * P, mask=m, other=0.0)
+        ce += tl.load(base + p0 + 3 * C_PAD * P, mask=m, other=0.0)
+    inter = tl.sum(inter, axis=2)
+    pred = tl.sum(pred, axis=2)
+    gt = tl.sum(gt, axis=2)
+    ce = tl.sum(ce, axis=2)
+    n_valid = tl.sum(tl.sum(gt, axis=1), axis=0)  # each valid voxel has exactly one label
+    ce_total = tl.sum(tl.sum(ce, axis=1), axis=0)
+    term = (bs[:, None] < B) & (classes[None, :] < C) & (classes[None, :] >= FIRST)
+    count = term
+    if BATCH_DICE:  # sum over the batch; every row then holds the batch's value, counted once
+        inter = tl.zeros((B_PAD, C_PAD), tl.float32) + tl.sum(inter, axis=0)[None, :]
+        pred = tl.zeros((B_PAD, C_PAD), tl.float32) + tl.sum(pred, axis=0)[None, :]
+        gt = tl.zeros((B_PAD, C_PAD), tl.float32) + tl.sum(gt, axis=0)[None, :]
+        count = term & (bs[:, None] == 0)
+    n_terms = tl.sum(tl.sum(count.to(tl.float32), axis=1), axis=0)
+    numerator = 2 * inter + smooth
+    den = 2 * inter + 2 * alpha * (pred - inter) + 2 * beta * (gt - inter) + smooth
+    clamped = den < 1e-8
+    den = tl.maximum(den, 1e-8)
+    dice_mean = tl.sum(tl.sum(tl.where(count, numerator / den, 0.0), axis=1), axis=0) / n_terms
+    has_valid = n_valid > 0
+    ce_mean = tl.where(has_valid, ce_total / tl.maximum(n_valid, 1.0), 0.0)
+    tl.store(loss_ptr, weight_ce * ce_mean - weight_dice * dice_mean)
+    factor = weight_dice / n_terms
+    coef_a = tl.where(clamped, -2 * factor / den,
+                      -factor * (2 * den - 2 * (1 - alpha - beta) * numerator) / (den * den))
+    coef_b = tl.where(clamped, 0.0, factor * 2 * alpha * numerator / (den * den))
+    coef_a = tl.where(term, coef_a, 0.0)
+    coef_b = tl.where(term, coef_b, 0.0)
+    out = coef_ptr + bs[:, None] * 3 * C_PAD + classes[None, :]
+    tl.store(out, coef_a, mask=bs[:, None] < B)
+    tl.store(out + C_PAD, coef_b, mask=bs[:, None] < B)
+    ce_scale = tl.where(has_valid, weight_ce / tl.maximum(n_valid, 1.0), 0.0)
+    tl.store(out + 2 * C_PAD, tl.where(classes[None, :] == 0, ce_scale, 0.0), mask=bs[:, None] < B)
+
+
+@triton.jit
+def _grad_kernel(x_ptr, t_ptr, coef_ptr, grad_output_ptr, grad_ptr, N, ignore_label, C: tl.constexpr,
+                 C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Pass 2: grad = grad_output * (p (g - sum_j p_j g_j) + ce_scale (p - y)) on valid voxels,
+    g = A_k y + B_k, with coef[b] = (A_k, B_k, (ce_scale, 0, ...))."""
+    b = tl.program_id(1).to(tl.int64)
+    x, p, is_label, valid, lse, offsets, in_tile = _load_tile(
+        x_ptr, t_ptr, tl.program_id(0) * BLOCK, b, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
+    classes = tl.arange(0, C_PAD)
     coef = coef_ptr + b * 3 * C_PAD
     a = tl.load(coef + classes)
     bb = tl.load(coef + C_PAD + classes)
     ce_scale = tl.load(coef + 2 * C_PAD)
-    scale = tl.load(coef + 2 * C_PAD + 1)
+    scale = tl.load(grad_output_ptr).to(tl.float32)
     g = tl.where(is_label, a[:, None], 0.0) + bb[:, None]
     pg = tl.sum(p * g, axis=0)
     grad = p * (g - pg[None, :]) + ce_scale * (p - tl.where(is_label, 1.0, 0.0))
@@ -125,42 +202,53 @@ def _dice_ce_grad_kernel(x_ptr, t_ptr, coef_ptr, grad_ptr, N, ignore_label, C: t
     tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_tile)
 
 
-def _launch_config(C: int, N: int):
+def _block(c_pad: int, tile_elements: int) -> int:
+    return max(128, tile_elements // c_pad)
+
+
+def _forward_triton(x, labels, ignore_label, options):
+    """Pass 1 and the finalize kernel: (loss, coef) with coef (B, 3, C_PAD) fp32."""
+    B, C, N = x.shape
     c_pad = triton.next_power_of_2(C)
-    block = max(128, 4096 // c_pad)  # about 4096 elements a tile
-    return c_pad, block, triton.cdiv(N, block)
+    block = _block(c_pad, LAUNCH["sums_tile_elements"])
+    programs = max(1, min(triton.cdiv(N, block), LAUNCH["max_programs"]))
+    ignore = 0 if ignore_label is None else int(ignore_label)
+    partial = torch.empty((B, 4, c_pad, programs), device=x.device, dtype=torch.float32)
+    _sums_kernel[(programs, B)](x, labels, partial, N, ignore, C=C, C_PAD=c_pad, BLOCK=block,
+                                HAS_IGNORE=ignore_label is not None, num_warps=LAUNCH["sums_num_warps"])
+    if options["batch_dice"] and options["ddp"] and _ddp_active():
+        # the all-reduce sits between the passes: the finalize maths in torch (rare: multi-GPU)
+        sums = partial.sum(3)
+        loss, a, b, ce_scale = _loss_and_coefficients(sums[:, :3, :C], sums[:, 3, 0], **options)
+        coef = torch.zeros((B, 3, c_pad), device=x.device, dtype=torch.float32)
+        coef[:, 0, :C], coef[:, 1, :C], coef[:, 2, 0] = a, b, ce_scale
+        return loss, coef
+    loss = torch.empty((), device=x.device, dtype=torch.float32)
+    coef = torch.empty((B, 3, c_pad), device=x.device, dtype=torch.float32)  # every entry is written
+    b_pad = triton.next_power_of_2(B)
+    p_block = max(1, min(triton.next_power_of_2(programs), 2048 // (b_pad * c_pad)))
+    _finalize_kernel[(1,)](partial, loss, coef, B, programs, options["smooth"], options["alpha"], options["beta"],
+                           options["weight_ce"], options["weight_dice"], C=C, C_PAD=c_pad, B_PAD=b_pad,
+                           P_BLOCK=p_block, BATCH_DICE=options["batch_dice"], FIRST=0 if options["do_bg"] else 1)
+    return loss, coef
 
 
-def _sums_triton(x, labels, ignore_label):
-    """(B, 3, C) fp32 sums I, P, G and the (B,) CE sums, by pass 1."""
+def _grad_triton(x, labels, ignore_label, coef, grad_output):
     B, C, N = x.shape
-    c_pad, block, n_blocks = _launch_config(C, N)
-    partial = torch.empty((B, n_blocks, 4, c_pad), device=x.device, dtype=torch.float32)
-    _dice_ce_sums_kernel[(n_blocks, B)](
-        x, labels, partial, N, 0 if ignore_label is None else int(ignore_label), C=C, C_PAD=c_pad,
-        BLOCK=block, HAS_IGNORE=ignore_label is not None)
-    sums = partial.sum(1)
-    return sums[:, :3, :C], sums[:, 3, 0]
-
-
-def _grad_triton(x, labels, ignore_label, a, b, ce_scale, scale):
-    B, C, N = x.shape
-    c_pad, block, n_blocks = _launch_config(C, N)
-    coef = torch.zeros((B, 3, c_pad), device=x.device, dtype=torch.float32)
-    coef[:, 0, :C] = a
-    coef[:, 1, :C] = b
-    coef[:, 2, 0] = ce_scale
-    coef[:, 2, 1] = scale
+    c_pad = triton.next_power_of_2(C)
+    block = _block(c_pad, LAUNCH["grad_tile_elements"])
     grad = torch.empty_like(x)
-    _dice_ce_grad_kernel[(n_blocks, B)](
-        x, labels, coef, grad, N, 0 if ignore_label is None else int(ignore_label), C=C, C_PAD=c_pad,
-        BLOCK=block, HAS_IGNORE=ignore_label is not None, ROUND_BF16=x.dtype == torch.bfloat16)
+    _grad_kernel[(triton.cdiv(N, block), B)](
+        x, labels, coef, grad_output.to(torch.float32).reshape(1), grad, N,
+        0 if ignore_label is None else int(ignore_label), C=C, C_PAD=c_pad, BLOCK=block,
+        HAS_IGNORE=ignore_label is not None, ROUND_BF16=x.dtype == torch.bfloat16,
+        num_warps=LAUNCH["grad_num_warps"])
     return grad
 
 
 def _forward_torch(x, labels, ignore_label, needs_grad, options):
-    """The same two passes in torch (the CPU path); the probabilities are kept between them and
-    class sums over voxels are batched matrix products."""
+    """The same maths in torch (the CPU path): (loss, gradient per unit grad_output in the
+    compute dtype, or None). Class sums over voxels are batched matrix products."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     B, C, N = x.shape
     labels = labels.long().unsqueeze(1)  # (B, 1, N)
@@ -178,64 +266,57 @@ def _forward_torch(x, labels, ignore_label, needs_grad, options):
     pred = torch.bmm(p, weight.transpose(1, 2))[..., 0]
     gt = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], weight[:, 0])
     ce_sum = -(log_p_label * weight).sum((1, 2))
-    loss, a, b, ce_scale, scale = _loss_and_coefficients(
-        torch.stack((inter, pred, gt), 1), ce_sum, x.dtype, **options)
+    loss, a, b, ce_scale = _loss_and_coefficients(torch.stack((inter, pred, gt), 1), ce_sum, **options)
     if not needs_grad:
-        return loss, None, scale
-    # S dloss/dx = p (S (B_k + ce_scale) - S sum_j p_j g_j) + [k == t] S (p_t A_t - ce_scale), times m
+        return loss, None
+    # dloss/dx = p (B_k + ce_scale - sum_j p_j g_j) + [k == t] (p_t A_t - ce_scale), times m
     a_label = a.to(compute).gather(1, labels[:, 0]).unsqueeze(1)
     b = b.to(compute).unsqueeze(1)  # (B, 1, C)
-    pg = torch.bmm(b, p).add_(p_label * a_label).mul_(scale)  # S sum_j p_j g_j, (B, 1, N)
-    grad = p * ((b.transpose(1, 2) + ce_scale) * scale)
+    pg = torch.bmm(b, p).add_(p_label * a_label)  # sum_j p_j g_j, (B, 1, N)
+    grad = p * (b.transpose(1, 2) + ce_scale)
     grad.addcmul_(p, pg, value=-1.0)
     del p
-    grad.scatter_add_(1, labels, (p_label * a_label - ce_scale).mul_(scale))
+    grad.scatter_add_(1, labels, p_label * a_label - ce_scale)
     if mask is not None:
         grad.mul_(mask)
-    return loss, grad.to(x.dtype), scale
+    return loss, grad
 
 
-def _forward_triton(x, labels, ignore_label, needs_grad, options):
-    sums, ce_sum = _sums_triton(x, labels, ignore_label)
-    loss, a, b, ce_scale, scale = _loss_and_coefficients(sums, ce_sum, x.dtype, **options)
-    grad = _grad_triton(x, labels, ignore_label, a, b, ce_scale, scale) if needs_grad else None
-    return loss, grad, scale
+def _ddp_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _loss_and_coefficients(sums, ce_sum, logits_dtype, *, batch_dice, do_bg, smooth, weight_ce,
-                           weight_dice, ddp):
-    """Loss value, gradient coefficients A, B (B, C), CE scale and storage scale S, from the
-    (B, 3, C) sums I, P, G and the (B,) CE sums (see the module docstring)."""
+def _loss_and_coefficients(sums, ce_sum, *, batch_dice, do_bg, smooth, alpha, beta, weight_ce, weight_dice, ddp):
+    """Loss value, gradient coefficients A, B (B, C) and the CE scale, from the (B, 3, C) sums
+    I, P, G and the (B,) CE sums (see the module docstring). The torch path's maths, and the
+    Triton path's under DDP (the finalize kernel's otherwise)."""
     n_valid = sums[:, 2].sum()  # each valid voxel has exactly one label
     world = 1
     if batch_dice:
         sums = sums.sum(0)
-        if ddp and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if ddp and _ddp_active():
             torch.distributed.all_reduce(sums)
             world = torch.distributed.get_world_size()
     inter, pred, gt = sums.unbind(-2)
     first = 0 if do_bg else 1
-    den = gt + pred + smooth
-    den_clamped = den.clamp_min(1e-8)
-    dc = (2 * inter + smooth) / den_clamped
-    terms = dc[..., first:].numel()
+    numerator = 2 * inter + smooth
+    den = 2 * inter + 2 * alpha * (pred - inter) + 2 * beta * (gt - inter) + smooth
+    den_clamped = den.clamp_min(_CLAMP)
+    tversky = numerator / den_clamped
+    terms = tversky[..., first:].numel()
     ce = torch.where(n_valid > 0, ce_sum.sum() / n_valid.clamp_min(1), 0.0)
-    loss = weight_ce * ce - weight_dice * dc[..., first:].mean()
+    loss = weight_ce * ce - weight_dice * tversky[..., first:].mean()
 
     factor = weight_dice * world / terms
-    a = -2 * factor / den_clamped
-    b = torch.where(den >= 1e-8, factor * (2 * inter + smooth) / den_clamped ** 2, 0.0)
+    clamped = den < _CLAMP
+    a = torch.where(clamped, -2 * factor / den_clamped,
+                    -factor * (2 * den_clamped - 2 * (1 - alpha - beta) * numerator) / den_clamped ** 2)
+    b = torch.where(clamped, 0.0, factor * 2 * alpha * numerator / den_clamped ** 2)
     a[..., :first] = 0
     b[..., :first] = 0
     a, b = (v.expand(ce_sum.shape[0], -1) for v in (a, b))
     ce_scale = torch.where(n_valid > 0, weight_ce / n_valid.clamp_min(1), 0.0)
-    if logits_dtype == torch.float16:
-        # |grad| <= 2 max(|A| + |B|) + ce_scale; store it times a power of two below 2^14
-        bound = 2 * (a.abs() + b.abs()).amax() + ce_scale.abs()
-        scale = torch.exp2(torch.floor(torch.log2(_FP16_GRAD_TARGET / bound.clamp_min(1e-30))))
-    else:
-        scale = torch.ones((), dtype=sums.dtype, device=sums.device)
-    return loss, a, b, ce_scale, scale
+    return loss, a, b, ce_scale
 
 
 class _FusedDiceCEFunction(torch.autograd.Function):
@@ -244,31 +325,32 @@ class _FusedDiceCEFunction(torch.autograd.Function):
         B, C = logits.shape[:2]
         x = logits.reshape(B, C, -1).contiguous()
         labels = labels.reshape(B, -1).contiguous()
-        run = _forward_triton if use_triton else _forward_torch
+        ctx.use_triton, ctx.ignore_label, ctx.shape = use_triton, ignore_label, logits.shape
+        ctx.logits_dtype = logits.dtype
         with torch.autocast(logits.device.type, enabled=False):  # the maths picks its own precision
-            loss, grad, scale = run(x, labels, ignore_label, needs_grad, options)
-        if grad is not None:
-            ctx.save_for_backward(grad.view(logits.shape), scale)
-        ctx.used = False
+            if use_triton:
+                loss, coef = _forward_triton(x, labels, ignore_label, options)
+                if needs_grad:
+                    ctx.save_for_backward(x, labels, coef)
+            else:
+                loss, grad = _forward_torch(x, labels, ignore_label, needs_grad, options)
+                if needs_grad:
+                    ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("fused_dice_ce: the gradient is scaled in place, so backward can run "
-                               "only once per forward (no retain_graph)")
-        ctx.used = True
-        grad, scale = ctx.saved_tensors
-        return grad.mul_(grad_output / scale), None, None, None, None, None
+        if ctx.use_triton:
+            x, labels, coef = ctx.saved_tensors
+            grad = _grad_triton(x, labels, ctx.ignore_label, coef, grad_output)
+        else:
+            grad, = ctx.saved_tensors
+            grad = (grad * grad_output).to(ctx.logits_dtype)  # one rounding
+        return grad.view(ctx.shape), None, None, None, None, None
 
 
-def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool, do_bg: bool = False,
-                  smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0,
-                  ignore_label: int = None, ddp: bool = False, backend: str = "auto") -> torch.Tensor:
-    """nnU-Net's Dice + CE loss of `logits` (B, C, *spatial) against integer labels `target`
-    (B, 1, *spatial) or (B, *spatial), any real or integer dtype. Returns a 0-d fp32 tensor
-    (fp64 for fp64 logits). `backend`: "auto" (Triton on CUDA, and on CPU when TRITON_INTERPRET=1;
-    torch otherwise), "triton" or "torch"."""
+def _check_and_pick_backend(logits, target, do_bg, backend):
+    """(target as (B, 1, *spatial), use_triton) after checking shapes, devices and the backend."""
     if logits.ndim not in (4, 5):
         raise ValueError(f"fused_dice_ce: logits must be (B, C, H, W) or (B, C, D, H, W), got {tuple(logits.shape)}")
     if target.ndim == logits.ndim - 1:
@@ -280,21 +362,37 @@ def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: boo
         raise ValueError(f"fused_dice_ce: {logits.shape[1]} class(es) leave no Dice term (do_bg={do_bg})")
     if target.device != logits.device:
         raise ValueError(f"fused_dice_ce: logits on {logits.device} but target on {target.device}")
+    triton_can = logits.dtype in _TRITON_DTYPES and (logits.is_cuda or _TRITON_ON_CPU)
     if backend == "auto":
-        use_triton = logits.dtype in _TRITON_DTYPES and (logits.is_cuda or _TRITON_ON_CPU)
-    elif backend in ("triton", "torch"):
-        use_triton = backend == "triton"
-        if use_triton and (logits.dtype not in _TRITON_DTYPES or not (logits.is_cuda or _TRITON_ON_CPU)):
+        return target, triton_can and _TRITON_AVAILABLE
+    if backend == "torch":
+        return target, False
+    if backend == "triton":
+        if not _TRITON_AVAILABLE:
+            raise ValueError(f"fused_dice_ce: the Triton backend is unavailable: {_TRITON_REASON}")
+        if not triton_can:
             raise ValueError(f"fused_dice_ce: the Triton backend needs fp32/fp16/bf16 logits on CUDA "
                              f"(or TRITON_INTERPRET=1), got {logits.dtype} on {logits.device}")
-    else:
-        raise ValueError(f"fused_dice_ce: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    options = dict(batch_dice=batch_dice, do_bg=do_bg, smooth=float(smooth), weight_ce=float(weight_ce),
-                   weight_dice=float(weight_dice), ddp=ddp)
+        return target, True
+    raise ValueError(f"fused_dice_ce: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool, do_bg: bool = False,
+                  smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0,
+                  ignore_label: int = None, ddp: bool = False, alpha: float = 0.5, beta: float = 0.5,
+                  backend: str = "auto") -> torch.Tensor:
+    """nnU-Net's Dice + CE loss of `logits` (B, C, *spatial) against integer labels `target`
+    (B, 1, *spatial) or (B, *spatial), any real or integer dtype. Returns a 0-d fp32 tensor
+    (fp64 for fp64 logits). `alpha`, `beta`: Tversky's weights of false positives and false
+    negatives (0.5, 0.5: Dice). `backend`: "auto" (Triton on CUDA, and on CPU when
+    TRITON_INTERPRET=1; torch otherwise and where Triton does not import), "triton" or "torch"."""
+    target, use_triton = _check_and_pick_backend(logits, target, do_bg, backend)
+    if not (alpha >= 0 and beta >= 0 and alpha + beta > 0):
+        raise ValueError(f"fused_dice_ce: alpha and beta must be >= 0 and not both 0, got {alpha}, {beta}")
+    options = dict(batch_dice=batch_dice, do_bg=do_bg, smooth=float(smooth), alpha=float(alpha), beta=float(beta),
+                   weight_ce=float(weight_ce), weight_dice=float(weight_dice), ddp=ddp)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return _FusedDiceCEFunction.apply(logits, target, use_triton, ignore_label, needs_grad, options)
-
-
 class FusedDiceCELoss(nn.Module):
     """Drop-in for nnU-Net's `DC_and_CE_loss(soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice,
     ignore_label, dice_class=MemoryEfficientSoftDiceLoss)`: same arguments, value and gradient.

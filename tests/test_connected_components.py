@@ -290,7 +290,8 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
         remove_all_but_largest_component(np.ones((2, 2), dtype=bool), 26)
     with pytest.raises(ValueError, match="2D or 3D array, got 4 dimensions"):
         label(np.ones((2, 2, 2, 2), dtype=bool))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from nnunet_heart_ext.kernels import connected_components
+    monkeypatch.setattr(connected_components, "_TRITON_ON_CPU", False)  # as without TRITON_INTERPRET
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA tensor"):
             label_triton(torch.ones((2, 2, 2), dtype=torch.bool))

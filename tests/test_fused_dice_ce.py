@@ -6,7 +6,7 @@ TRITON_INTERPRET=1, compiled kernels on CUDA tensors when a GPU is there).
 Errors: fp32 value |v - ref| / |ref| <= 1e-5, gradient max|g - ref| / max|ref| <= 1e-4.
 fp16/bf16: value <= 2e-3; gradient ||g - r|| / ||ref|| <= 2e-3 where r is the reference rounded to
 the logits' dtype, i.e. the best a gradient in that dtype can be (bf16's own rounding is up to
-2^-8 relative, above 2e-3; see test_half_precision for bf16 with a second rounding). Backward
+2^-8 relative, above 2e-3, so the exact gradient is no reference for it). Backward
 passes use grad_output = 2^16 * 0.533, what GradScaler and the first deep-supervision weight give
 in nnU-Net's AMP training.
 
@@ -163,26 +163,19 @@ def test_loss_weights(device, backend, weights):
 def test_half_precision(device, backend, dtype, shape, batch_dice):
     """Half logits (as AMP gives them), fp32 sums, gradient written in the logits' dtype. The
     largest shape has CE gradients (1 / 32768 voxels) below fp16's normal range unless scaled.
-
-    bf16 keeps only 8 significant bits: the stored gradient times a grad_output that is not a
-    power of two is rounded twice, up to 2^-8 relative each time, so with the deep-supervision
-    weight in grad_output it is held to 4e-3 against the exact gradient, and to 2e-3 against the
-    best bf16 gradient when grad_output is GradScaler's power of two alone."""
+    The gradient times grad_output is rounded once, so it matches the best gradient in that
+    dtype also when grad_output holds a deep-supervision weight that is not a power of two."""
     logits, target = random_case(shape, seed=13)
     logits = logits.to(dtype)
     ref_value, ref_grad = reference(logits, target, batch_dice=batch_dice, do_bg=False)
-    grad_outputs = [AMP_GRAD_OUTPUT] if dtype == torch.float16 else [2.0 ** 16, AMP_GRAD_OUTPUT]
-    for grad_output in grad_outputs:
+    for grad_output in [2.0 ** 16, AMP_GRAD_OUTPUT]:
         value, grad, grad_dtype = fused(logits, target, device, backend, grad_output=grad_output,
                                         batch_dice=batch_dice, do_bg=False)
         assert grad_dtype == dtype
         assert abs(value - ref_value) / abs(ref_value) <= 2e-3
         best = (ref_grad * grad_output).to(dtype).double() / grad_output
-        if dtype == torch.bfloat16 and grad_output == AMP_GRAD_OUTPUT:
-            err, tolerance = (grad - ref_grad).norm() / ref_grad.norm(), 4e-3
-        else:
-            err, tolerance = (grad - best).norm() / ref_grad.norm(), 2e-3
-        assert err <= tolerance, f"gradient relative error {err:.3g} at grad_output {grad_output}"
+        err = (grad - best).norm() / ref_grad.norm()
+        assert err <= 2e-3, f"gradient relative error {err:.3g} at grad_output {grad_output}"
 
 
 @pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
@@ -314,14 +307,17 @@ def test_bad_input_is_refused_with_a_clear_error():
         fused_dice_ce(logits, target, batch_dice=True, backend="cuda")
 
 
-def test_backward_twice_is_refused():
-    """The stored gradient is scaled in place, so a second backward would be wrong: it raises."""
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_backward_twice_accumulates(device, backend):
+    """backward(retain_graph=True) twice gives twice the gradient, as autograd does."""
     logits, target = random_case((2, 4, 9, 10), seed=41)
-    x = logits.clone().requires_grad_()
-    value = fused_dice_ce(x, target, batch_dice=True, backend="torch")
+    _, ref_grad = reference(logits, target, batch_dice=True, do_bg=False)
+    x = logits.to(device).requires_grad_()
+    value = fused_dice_ce(x, target.to(device), batch_dice=True, backend=backend)
     value.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="only once"):
-        value.backward()
+    value.backward()
+    assert_close_fp32(value.detach().cpu().double(), x.grad.cpu().double() / 2, value.detach().cpu().double(),
+                      ref_grad)
 
 
 def test_heart_trainer_builds_the_fused_loss_with_nnunet_weights(monkeypatch, tmp_path):
@@ -385,3 +381,51 @@ def _plans(patch):
             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
             "configurations": {"3d_fullres": config}, "experiment_planner_used": "test",
             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nnunet_heart_ext.kernels import fused_dice_ce as f
+target = GPUTarget("cuda", 90, 32)
+for x in ("*fp16", "*bf16", "*fp32"):
+    for t in ("*i16", "*fp32"):
+        sums = {"x_ptr": x, "t_ptr": t, "partial_ptr": "*fp32", "N": "i32", "ignore_label": "i32", "C": "constexpr",
+                "C_PAD": "constexpr", "BLOCK": "constexpr", "HAS_IGNORE": "constexpr"}
+        grad = {"x_ptr": x, "t_ptr": t, "coef_ptr": "*fp32", "grad_output_ptr": "*fp32", "grad_ptr": x, "N": "i32",
+                "ignore_label": "i32", "C": "constexpr", "C_PAD": "constexpr", "BLOCK": "constexpr",
+                "HAS_IGNORE": "constexpr", "ROUND_BF16": "constexpr"}
+        for fn, signature, constexprs in [
+                (f._sums_kernel, sums, {"C": 4, "C_PAD": 4, "BLOCK": 1024, "HAS_IGNORE": t == "*fp32"}),
+                (f._grad_kernel, grad, {"C": 4, "C_PAD": 4, "BLOCK": 1024, "HAS_IGNORE": t == "*fp32",
+                                        "ROUND_BF16": x == "*bf16"})]:
+            assert triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=target).asm["cubin"]
+            print("compiled", fn.__name__, x, t)
+final = {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32", "B": "i32", "P": "i32", "smooth": "fp32",
+         "alpha": "fp32", "beta": "fp32", "weight_ce": "fp32", "weight_dice": "fp32", "C": "constexpr",
+         "C_PAD": "constexpr", "B_PAD": "constexpr", "P_BLOCK": "constexpr", "BATCH_DICE": "constexpr",
+         "FIRST": "constexpr"}
+for batch_dice in (True, False):
+    constexprs = {"C": 4, "C_PAD": 4, "B_PAD": 2, "P_BLOCK": 256, "BATCH_DICE": batch_dice, "FIRST": 1}
+    assert triton.compile(ASTSource(fn=f._finalize_kernel, signature=final, constexprs=constexprs),
+                          target=target).asm["cubin"]
+    print("compiled _finalize_kernel", batch_dice)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the compiled tests run the kernels themselves")
+def test_kernels_compile_for_a_gpu_without_one():
+    """CI has no GPU, and the interpreter accepts code the compiler rejects (a 3D reduction in a
+    loop crashed Triton's thread-locality pass once): compile every kernel for an H100 (sm_90,
+    Triton's own ptxas) in a process without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 14
