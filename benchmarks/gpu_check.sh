@@ -11,12 +11,12 @@
 # imagecodecs are too large to carry: benchmarks/device_stubs/ stands in for SimpleITK so that
 # nnU-Net's trainer and postprocessing modules import (nothing here reads or writes images).
 # Results land in $OUT (what the device tool brings back, 8 files at most): copy them to
-# benchmarks/results/gpu/. Sections: GPU_CHECK_ONLY="tests,loss,cc" (default: all).
+# benchmarks/results/gpu/. Sections: GPU_CHECK_ONLY="tests,augment,loss,cc" (default: all).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-ONLY=${GPU_CHECK_ONLY:-tests,loss,cc}
+ONLY=${GPU_CHECK_ONLY:-tests,augment,loss,cc}
 log() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -42,10 +42,14 @@ run() {  # run SECONDS NAME COMMAND...: log its output, remember a failure, go o
   [ "$rc" -eq 0 ] || status=1
 }
 if want tests; then
-  run 150 "kernel tests, compiled Triton path on CUDA tensors" python3 -P -m pytest -q -p no:cacheprovider -rfE \
-    -m "not slow" tests/test_fused_dice_ce.py tests/test_connected_components.py
+  # xdist: the Triton compiles of the many test specialisations run side by side (16 cores)
+  run 130 "kernel tests, compiled Triton path on CUDA tensors" python3 -P -m pytest -q -p no:cacheprovider -rfE \
+    -n 8 -m "not slow" -k "not cpu-torch" tests/test_fused_dice_ce.py tests/test_connected_components.py \
+    tests/test_augment.py
 fi
-want loss && run 170 "loss benchmark" python3 -P -m benchmarks --only loss --loss-devices cuda --budget-s 110 --out "$OUT"
+want augment && run 200 "augmentation benchmark" python3 -P -m benchmarks --only augment --augment-data /tmp/bench_augment \
+  --augment-budget-s 90 --out "$OUT"
+want loss && run 100 "loss benchmark" python3 -P -m benchmarks --only loss --loss-devices cuda --budget-s 60 --out "$OUT"
 want cc && run 80 "connected-components benchmark" python3 -P -m benchmarks --only cc --out "$OUT"
 log "done, status $status"
 exit $status

@@ -323,7 +323,7 @@ def test_boxes_give_the_same_result_as_the_enlarged_patch():
     from_boxes = aug.apply_boxes([data[b][(slice(None),) + cut[b]].clone() for b in range(6)],
                                  [seg[b][(slice(None),) + cut[b]] for b in range(6)],
                                  [[lo for lo, _ in box] for box in boxes], S, params)
-    assert rel_err(from_boxes[0], full[0]) <= 1e-5
+    assert rel_err(from_boxes[0], full[0]) <= 1e-4  # the grid normalised to the box: float rounding apart
     for a, b in zip(from_boxes[1], full[1]):
         assert (a != b).float().mean() <= 1e-3
 

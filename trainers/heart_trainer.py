@@ -1,13 +1,28 @@
 """HeartTrainer: nnU-Net's trainer with the extension's speed-ups, and nothing else changed.
 
-Everything not overridden here is nnU-Net's own `nnUNetTrainer` (data loading, augmentation,
-schedule, validation, checkpoints), so results stay comparable with plain nnU-Net.
+- The loss: nnU-Net's Dice + CE as one fused kernel (same value and gradient).
+- The training augmentation: nnU-Net's default transforms, on the training device inside the
+  training step (nnunet_heart_ext.kernels.augment); the `nnUNet_n_proc_DA` loader workers only
+  load and cut (trainers/device_augmentation.py). Configurations it does not cover keep nnU-Net's
+  CPU transforms, with a line in the log.
+
+Everything else is nnU-Net's own `nnUNetTrainer` (case sampling, schedule, validation,
+checkpoints), so results stay comparable with plain nnU-Net.
 """
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_heart_ext.kernels.augment import DeviceAugmentation
 from nnunet_heart_ext.kernels.fused_dice_ce import FusedDiceCELoss
+from nnunet_heart_ext.trainers.device_augmentation import HeartDataLoader, unsupported_reason
 
 
 class HeartTrainer(nnUNetTrainer):
@@ -18,6 +33,8 @@ class HeartTrainer(nnUNetTrainer):
     # nnUNetv2_predict follows it). The CPU schedules switch it off: it costs 8x the sliding-window
     # passes. Training augmentation keeps its mirroring either way.
     test_time_mirroring = True
+    # Training augmentation on the training device (False: nnU-Net's CPU transforms in the workers).
+    device_augmentation = True
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -41,8 +58,70 @@ class HeartTrainer(nnUNetTrainer):
         return fused
 
 
+    def get_dataloaders(self):
+        """nnU-Net's loaders; the training one only loads and cuts when the device augments."""
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        reason = unsupported_reason(self, patch_size, dummy_2d) if self.device_augmentation else "switched off"
+        self.augmentation = None
+        if reason is not None:
+            if self.device_augmentation:
+                self.print_to_log_file(f"HeartTrainer: the device augmentation does not cover {reason}; "
+                                       f"nnU-Net's CPU augmentation is used")
+            return super().get_dataloaders()
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        self.augmentation = DeviceAugmentation(patch_size, rotation, deep_supervision_scales, mirror_axes, dummy_2d,
+                                               ignore_label=self.label_manager.ignore_label)
+        val_transforms = self.get_validation_transforms(deep_supervision_scales, is_cascaded=False,
+                                                        foreground_labels=self.label_manager.foreground_labels,
+                                                        regions=None, ignore_label=self.label_manager.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        sampling = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
+                        pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = HeartDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                augmentation=self.augmentation, **sampling)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
+                                  transforms=val_transforms, **sampling)
+        self.print_to_log_file(f"HeartTrainer: training batches augmented on {self.device}; loader workers only "
+                               f"load and cut (enlarged patch {[int(i) for i in initial_patch_size]})")
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            return SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        pin = self.device.type == "cuda"
+        mt_train = NonDetMultiThreadedAugmenter(dl_tr, None, processes, num_cached=max(6, processes // 2), seeds=None,
+                                                pin_memory=pin, wait_time=0.002)
+        mt_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), num_cached=max(3, processes // 4),
+                                              seeds=None, pin_memory=pin, wait_time=0.002)
+        next(mt_train)
+        next(mt_val)
+        return mt_train, mt_val
+
+    def train_step(self, batch: dict) -> dict:
+        if "params" in batch:
+            batch = self.augment_on_device(batch)
+        return super().train_step(batch)
+
+    @torch.no_grad()
+    def augment_on_device(self, batch: dict) -> dict:
+        """A HeartDataLoader batch (boxes + parameters) -> nnU-Net's {'data', 'target'}, on the device."""
+        data = [d.to(self.device, non_blocking=True) for d in batch["data"]]
+        seg = [s.to(self.device, non_blocking=True) for s in batch["target"]]
+        data, target = self.augmentation.apply_boxes(data, seg, batch["offsets"], batch["enlarged_shape"],
+                                                     batch["params"])
+        return {"data": data, "target": target, "keys": batch["keys"]}
+
+
 class HeartTrainer_nnUNetLoss(HeartTrainer):
     """HeartTrainer with nnU-Net's own loss (DC_and_CE_loss), to compare the two on one run."""
 
     def _build_loss(self):
         return nnUNetTrainer._build_loss(self)
+
+
+class HeartTrainer_nnUNetDA(HeartTrainer):
+    """HeartTrainer with nnU-Net's CPU augmentation in the loader workers, for comparisons."""
+
+    device_augmentation = False

@@ -1,13 +1,13 @@
 """HeartTrainer schedule variants, generated from one table in nnU-Net's naming.
 
 `HeartTrainer_250epochs` is HeartTrainer with `num_epochs = 250`, as nnU-Net's
-`nnUNetTrainer_250epochs` is to `nnUNetTrainer` (and `HeartTrainer_nnUNetLoss_250epochs` the
-same with nnU-Net's own loss). `HeartTrainer_demo` learns the synthetic
+`nnUNetTrainer_250epochs` is to `nnUNetTrainer` (and `HeartTrainer_nnUNetLoss_250epochs`,
+`HeartTrainer_nnUNetDA_250epochs` the same with nnU-Net's own loss, or augmentation). `HeartTrainer_demo` learns the synthetic
 phantom (`nnunet-heart phantom`) on 2 CPU cores in minutes.
 """
 import torch
 
-from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer, HeartTrainer_nnUNetLoss
+from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer, HeartTrainer_nnUNetDA, HeartTrainer_nnUNetLoss
 
 # suffix -> attributes set after nnUNetTrainer.__init__
 SCHEDULES = {
@@ -46,8 +46,9 @@ def make_schedule_variant(base: type, suffix: str, attributes: dict) -> type:
                                 "__doc__": doc})
 
 
-# HeartTrainer_nnUNetLoss_<schedule> too: nnU-Net's loss on the same schedule, for comparisons.
-BASES = (HeartTrainer, HeartTrainer_nnUNetLoss)
+# HeartTrainer_nnUNetLoss_<schedule> (nnU-Net's loss) and HeartTrainer_nnUNetDA_<schedule> (nnU-Net's
+# CPU augmentation) too: the same schedule with one speed-up left out, for comparisons.
+BASES = (HeartTrainer, HeartTrainer_nnUNetLoss, HeartTrainer_nnUNetDA)
 for _base in BASES:
     for _suffix, _attributes in SCHEDULES.items():
         _cls = make_schedule_variant(_base, _suffix, _attributes)
