@@ -40,12 +40,13 @@ the patch, voxel index vectors i:
 
 Interface:
     aug = DeviceAugmentation(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                             do_dummy_2d_data_aug, ignore_label=None)
+                             do_dummy_2d_data_aug, ignore_label=None, labels=None)
     params = aug.sample_parameters(batch_size, generator=None, num_channels=1)
     data, target = aug.apply(data, seg, params)      # (B, C, *S), (B, 1, *S) -> (B, C, *P), [targets]
     data, target = aug(data, seg)                    # sample, then apply
 
-`params` is a dict of CPU tensors, leading dimension the batch (documented in
+`labels` (optional): the label values of the segmentations; without it each transformed sample's
+label range is read from the device (a synchronisation). `params` is a dict of CPU tensors, leading dimension the batch (documented in
 `sample_parameters`): the choices are drawn where the data is cut (a loader worker), and the
 apply step reads which transforms fire without waiting on the device. A loader may hand over,
 instead of the enlarged patch, only the box of it that a sample's transform reads
@@ -83,7 +84,8 @@ class DeviceAugmentation:
 
     def __init__(self, patch_size: Sequence[int], rotation_for_DA: RandomRange,
                  deep_supervision_scales: Optional[Sequence[Sequence[float]]], mirror_axes: Optional[Sequence[int]],
-                 do_dummy_2d_data_aug: bool, ignore_label: Optional[int] = None):
+                 do_dummy_2d_data_aug: bool, ignore_label: Optional[int] = None,
+                 labels: Optional[Sequence[int]] = None):
         if len(patch_size) != 3:
             raise NotImplementedError(f"DeviceAugmentation covers 3D patches, got patch_size {tuple(patch_size)}")
         if do_dummy_2d_data_aug:
@@ -95,6 +97,8 @@ class DeviceAugmentation:
              for s in deep_supervision_scales]
         self.mirror_axes = tuple(mirror_axes) if mirror_axes else ()
         self.ignore_label = ignore_label  # kept as nnU-Net passes it: the default transforms ignore it
+        # the label values segmentations hold (besides -1): known, they spare a device -> host read
+        self.max_label = None if labels is None else int(max(labels))
         self._grids = {}
 
     # ------------------------------------------------------------------ sampling
@@ -249,9 +253,12 @@ class DeviceAugmentation:
         # Segmentation: every label's indicator (x 1000) in one grid_sample; the padding label -1
         # counts as present outside the box (its channel is sampled as indicator - 1, plus 1).
         seg = seg[0]
-        lo, hi = (int(v) for v in torch.aminmax(seg))
-        if lo < SEG_PAD:
-            raise ValueError(f"DeviceAugmentation: segmentation labels must be >= {SEG_PAD}, found {lo}")
+        if self.max_label is None:
+            lo, hi = (int(v) for v in torch.aminmax(seg))
+            if lo < SEG_PAD:
+                raise ValueError(f"DeviceAugmentation: segmentation labels must be >= {SEG_PAD}, found {lo}")
+        else:
+            hi = self.max_label
         labels = list(range(SEG_PAD, hi + 1))  # channel k holds label k + SEG_PAD
         values = torch.tensor(labels, dtype=seg.dtype, device=device).view(-1, 1, 1, 1)
         onehot = (seg[None] == values).float()

@@ -329,8 +329,9 @@ def test_boxes_give_the_same_result_as_the_enlarged_patch():
 
 
 # ------------------------------------------------------------------ the whole pipeline
-def test_labels_stay_a_subset_and_no_padding_is_left():
-    aug = make_aug()
+@pytest.mark.parametrize("labels", [None, [0, 1, 2, 3]], ids=["read", "given"])
+def test_labels_stay_a_subset_and_no_padding_is_left(labels):
+    aug = DeviceAugmentation(PATCH, ROTATION, DS_SCALES, (0, 1, 2), False, labels=labels)
     S = (34, 40, 44)
     data, seg = ct_like((8, 1, *S), 13)
     seg[seg == 3] = 2  # label 3 absent
@@ -338,6 +339,18 @@ def test_labels_stay_a_subset_and_no_padding_is_left():
         _, targets = aug(data.clone(), seg, generator=torch.Generator().manual_seed(seed))
         for t in targets:
             assert set(t.unique().tolist()) <= {0, 1, 2}
+
+
+def test_given_labels_give_the_same_result():
+    S = (34, 40, 44)
+    data, seg = ct_like((4, 1, *S), 17)
+    params = make_aug().sample_parameters(4, torch.Generator().manual_seed(2))
+    params["spatial"][:] = True
+    params["angles"][:] = 0.25
+    results = [DeviceAugmentation(PATCH, ROTATION, DS_SCALES, (0, 1, 2), False, labels=labels).apply(
+        data.clone(), seg, params, generator=torch.Generator().manual_seed(0)) for labels in (None, [0, 1, 2, 3, 7])]
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 def test_shapes_dtypes_and_no_deep_supervision():

@@ -74,7 +74,8 @@ class HeartTrainer(nnUNetTrainer):
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         deep_supervision_scales = self._get_deep_supervision_scales()
         self.augmentation = DeviceAugmentation(patch_size, rotation, deep_supervision_scales, mirror_axes, dummy_2d,
-                                               ignore_label=self.label_manager.ignore_label)
+                                               ignore_label=self.label_manager.ignore_label,
+                                               labels=self.label_manager.all_labels)
         val_transforms = self.get_validation_transforms(deep_supervision_scales, is_cascaded=False,
                                                         foreground_labels=self.label_manager.foreground_labels,
                                                         regions=None, ignore_label=self.label_manager.ignore_label)
