@@ -304,7 +304,8 @@ def launch_sweep(patch, repeat):
     loss = DeepSupervisionWrapper(FusedDiceCELoss(dict(SOFT_DICE), {}), deep_supervision_weights(len(logits)))
     rows = []
     try:
-        configs = [dict(sums_tile_elements=tile, sums_num_warps=warps) for tile in (2048, 4096, 8192) for warps in (4, 8)]
+        configs = [dict(sums_tile_elements=tile, sums_num_warps=warps, max_programs=programs)
+                   for tile in (2048, 4096, 8192) for warps in (4, 8) for programs in (1024, 4096)]
         configs += [dict(grad_tile_elements=tile, grad_num_warps=warps) for tile in (2048, 8192) for warps in (4, 8)]
         for config in configs:
             fused_dice_ce.LAUNCH.update(saved)

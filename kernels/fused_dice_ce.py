@@ -26,9 +26,9 @@ count as 0, y_kv = [t_v == k], s = smooth, a/b = Tversky's alpha/beta):
           when not do_bg)
     dloss/dx_kv = p_kv (g_kv - sum_j p_jv g_jv) + m weight_ce (p_kv - y_kv) / sum_v m
 
-Passes: pass 1 (forward) reads logits and labels and writes only per-tile partial sums of
-I, P, G and the CE sum; after their sum, a one-program finalize kernel turns them into the loss
-and the coefficients A, B, ce_scale; pass 2 (backward) reads logits and labels again and writes the
+Passes: pass 1 (forward) reads logits and labels and writes only per-program partial sums of
+I, P, G and the CE sum; a one-program finalize kernel turns them into the loss and the
+coefficients A, B, ce_scale; pass 2 (backward) reads logits and labels again and writes the
 gradient times grad_output, rounded once to the logits' dtype. That is the traffic floor: two
 reads of the logits and labels and one gradient write, and one rounding of the gradient (a
 gradient stored in forward and scaled by a deep-supervision weight in backward is rounded
@@ -54,10 +54,13 @@ from nnunet_heart_ext.kernels._triton import REASON as _TRITON_REASON
 from nnunet_heart_ext.kernels._triton import tl, triton
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Launch configuration: elements (classes x voxels) a tile and warps a program, per pass.
-# benchmarks/bench_loss.py sweeps these on a GPU; on an H100, 4096 elements and 4 warps were best
-# for both passes (2 x 4 x 160 x 320 x 256 logits with deep supervision).
-LAUNCH = {"sums_tile_elements": 4096, "sums_num_warps": 4, "grad_tile_elements": 4096, "grad_num_warps": 4}
+# Launch configuration: elements (classes x voxels) a tile, warps a program, pass-1 programs per
+# sample at most (each loops over its tiles, reducing each tile). benchmarks/bench_loss.py sweeps
+# these on a GPU; on an H100 these defaults were the best of its sweep (2 x 4 x 160 x 320 x 256
+# logits with deep supervision), and pass 1 took 0.26 ms for the five scales. Accumulating whole
+# tiles in registers instead, reduced once at the end, took 0.94 ms (register spills).
+LAUNCH = {"sums_tile_elements": 4096, "sums_num_warps": 4, "max_programs": 1024,
+          "grad_tile_elements": 4096, "grad_num_warps": 4}
 _CLAMP = 1e-8  # nnU-Net's clamp_min of the Dice denominator
 
 
@@ -89,45 +92,59 @@ def _load_tile(x_ptr, t_ptr, start, b, N, ignore_label, C: tl.constexpr, C_PAD: 
 @triton.jit
 def _sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_PAD: tl.constexpr,
                  BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
-    """Pass 1: partial[b, q, k, tile] = the tile's I_k, P_k, G_k (q = 0, 1, 2) and CE sum
-    (q = 3, k = 0). One tile a program: on an H100 this beat a persistent loop over tiles
-    (0.26 ms against 0.94 ms for the five scales of a 2 x 4 x 160 x 320 x 256 patch)."""
+    """Pass 1: partial[b, q, k, program] = this program's I_k, P_k, G_k (q = 0, 1, 2) and CE sum
+    (q = 3, k = 0) over the tiles pid, pid + programs, ... of sample b."""
     pid = tl.program_id(0)
-    tiles = tl.num_programs(0)
+    programs = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
-    x, p, is_label, valid, lse, offsets, in_tile = _load_tile(
-        x_ptr, t_ptr, pid * BLOCK, b, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
     classes = tl.arange(0, C_PAD)
-    p = tl.where(valid[None, :], p, 0.0)
-    inter = tl.sum(tl.where(is_label, p, 0.0), axis=1)
-    pred = tl.sum(p, axis=1)
-    gt = tl.sum(tl.where(is_label & valid[None, :], 1.0, 0.0), axis=1)
-    x_label = tl.sum(tl.where(is_label, x, 0.0), axis=0)
-    ce = tl.sum(tl.where(valid, lse - x_label, 0.0), axis=0)
-    out = partial_ptr + b * 4 * C_PAD * tiles + classes * tiles + pid
+    inter = tl.zeros((C_PAD,), tl.float32)
+    pred = tl.zeros((C_PAD,), tl.float32)
+    gt = tl.zeros((C_PAD,), tl.float32)
+    ce = tl.zeros((C_PAD,), tl.float32)
+    for start in range(pid * BLOCK, N, programs * BLOCK):
+        x, p, is_label, valid, lse, offsets, in_tile = _load_tile(
+            x_ptr, t_ptr, start, b, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
+        p = tl.where(valid[None, :], p, 0.0)
+        inter += tl.sum(tl.where(is_label, p, 0.0), axis=1)
+        pred += tl.sum(p, axis=1)
+        gt += tl.sum(tl.where(is_label & valid[None, :], 1.0, 0.0), axis=1)
+        x_label = tl.sum(tl.where(is_label, x, 0.0), axis=0)
+        ce += tl.where(classes == 0, tl.sum(tl.where(valid, lse - x_label, 0.0), axis=0), 0.0)
+    out = partial_ptr + b * 4 * C_PAD * programs + classes * programs + pid
     tl.store(out, inter)
-    tl.store(out + C_PAD * tiles, pred)
-    tl.store(out + 2 * C_PAD * tiles, gt)
-    tl.store(out + 3 * C_PAD * tiles, tl.where(classes == 0, ce, 0.0))
+    tl.store(out + C_PAD * programs, pred)
+    tl.store(out + 2 * C_PAD * programs, gt)
+    tl.store(out + 3 * C_PAD * programs, ce)
 
 
 @triton.jit
-def _finalize_kernel(sums_ptr, loss_ptr, coef_ptr, B, smooth, alpha, beta, weight_ce, weight_dice,
-                     C: tl.constexpr, C_PAD: tl.constexpr, B_PAD: tl.constexpr, BATCH_DICE: tl.constexpr,
-                     FIRST: tl.constexpr):
-    """One program: from sums[b] = (I_k, P_k, G_k, (CE sum, 0, ...)), loss_ptr[0] = loss and
+def _finalize_kernel(partial_ptr, loss_ptr, coef_ptr, B, P, smooth, alpha, beta, weight_ce, weight_dice,
+                     C: tl.constexpr, C_PAD: tl.constexpr, B_PAD: tl.constexpr, P_BLOCK: tl.constexpr,
+                     BATCH_DICE: tl.constexpr, FIRST: tl.constexpr):
+    """One program: sums over the P partials, then loss_ptr[0] = loss and
     coef[b] = (A_k, B_k, (ce_scale, 0, ...)) as in the module docstring."""
     bs = tl.arange(0, B_PAD)
     classes = tl.arange(0, C_PAD)
-    rows = bs[:, None] < B
-    base = sums_ptr + bs[:, None] * 4 * C_PAD + classes[None, :]
-    inter = tl.load(base, mask=rows, other=0.0)
-    pred = tl.load(base + C_PAD, mask=rows, other=0.0)
-    gt = tl.load(base + 2 * C_PAD, mask=rows, other=0.0)
-    ce = tl.load(base + 3 * C_PAD, mask=rows, other=0.0)
+    ps = tl.arange(0, P_BLOCK)
+    inter = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    pred = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    gt = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    ce = tl.zeros((B_PAD, C_PAD, P_BLOCK), tl.float32)
+    base = partial_ptr + bs[:, None, None] * 4 * C_PAD * P + classes[None, :, None] * P + ps[None, None, :]
+    for p0 in range(0, P, P_BLOCK):
+        m = (bs[:, None, None] < B) & (p0 + ps[None, None, :] < P)
+        inter += tl.load(base + p0, mask=m, other=0.0)
+        pred += tl.load(base + p0 + C_PAD * P, mask=m, other=0.0)
+        gt += tl.load(base + p0 + 2 * C_PAD * P, mask=m, other=0.0)
+        ce += tl.load(base + p0 + 3 * C_PAD * P, mask=m, other=0.0)
+    inter = tl.sum(inter, axis=2)
+    pred = tl.sum(pred, axis=2)
+    gt = tl.sum(gt, axis=2)
+    ce = tl.sum(ce, axis=2)
     n_valid = tl.sum(tl.sum(gt, axis=1), axis=0)  # each valid voxel has exactly one label
     ce_total = tl.sum(tl.sum(ce, axis=1), axis=0)
-    term = rows & (classes[None, :] < C) & (classes[None, :] >= FIRST)
+    term = (bs[:, None] < B) & (classes[None, :] < C) & (classes[None, :] >= FIRST)
     count = term
     if BATCH_DICE:  # sum over the batch; every row then holds the batch's value, counted once
         inter = tl.zeros((B_PAD, C_PAD), tl.float32) + tl.sum(inter, axis=0)[None, :]
@@ -150,10 +167,10 @@ def _finalize_kernel(sums_ptr, loss_ptr, coef_ptr, B, smooth, alpha, beta, weigh
     coef_a = tl.where(term, coef_a, 0.0)
     coef_b = tl.where(term, coef_b, 0.0)
     out = coef_ptr + bs[:, None] * 3 * C_PAD + classes[None, :]
-    tl.store(out, coef_a, mask=rows)
-    tl.store(out + C_PAD, coef_b, mask=rows)
+    tl.store(out, coef_a, mask=bs[:, None] < B)
+    tl.store(out + C_PAD, coef_b, mask=bs[:, None] < B)
     ce_scale = tl.where(has_valid, weight_ce / tl.maximum(n_valid, 1.0), 0.0)
-    tl.store(out + 2 * C_PAD, tl.where(classes[None, :] == 0, ce_scale, 0.0), mask=rows)
+    tl.store(out + 2 * C_PAD, tl.where(classes[None, :] == 0, ce_scale, 0.0), mask=bs[:, None] < B)
 
 
 @triton.jit
@@ -187,29 +204,29 @@ def _block(c_pad: int, tile_elements: int) -> int:
 
 
 def _forward_triton(x, labels, ignore_label, options):
-    """Pass 1, the sum over its tiles, and the finalize kernel: (loss, coef) with coef
-    (B, 3, C_PAD) fp32."""
+    """Pass 1 and the finalize kernel: (loss, coef) with coef (B, 3, C_PAD) fp32."""
     B, C, N = x.shape
     c_pad = triton.next_power_of_2(C)
     block = _block(c_pad, LAUNCH["sums_tile_elements"])
-    tiles = triton.cdiv(N, block)
+    programs = max(1, min(triton.cdiv(N, block), LAUNCH["max_programs"]))
     ignore = 0 if ignore_label is None else int(ignore_label)
-    partial = torch.empty((B, 4, c_pad, tiles), device=x.device, dtype=torch.float32)
-    _sums_kernel[(tiles, B)](x, labels, partial, N, ignore, C=C, C_PAD=c_pad, BLOCK=block,
-                             HAS_IGNORE=ignore_label is not None, num_warps=LAUNCH["sums_num_warps"])
-    sums = partial.sum(3)  # (B, 4, C_PAD): one reduction over every SM
+    partial = torch.empty((B, 4, c_pad, programs), device=x.device, dtype=torch.float32)
+    _sums_kernel[(programs, B)](x, labels, partial, N, ignore, C=C, C_PAD=c_pad, BLOCK=block,
+                                HAS_IGNORE=ignore_label is not None, num_warps=LAUNCH["sums_num_warps"])
     if options["batch_dice"] and options["ddp"] and _ddp_active():
         # the all-reduce sits between the passes: the finalize maths in torch (rare: multi-GPU)
+        sums = partial.sum(3)
         loss, a, b, ce_scale = _loss_and_coefficients(sums[:, :3, :C], sums[:, 3, 0], **options)
         coef = torch.zeros((B, 3, c_pad), device=x.device, dtype=torch.float32)
         coef[:, 0, :C], coef[:, 1, :C], coef[:, 2, 0] = a, b, ce_scale
         return loss, coef
     loss = torch.empty((), device=x.device, dtype=torch.float32)
     coef = torch.empty((B, 3, c_pad), device=x.device, dtype=torch.float32)  # every entry is written
-    _finalize_kernel[(1,)](sums, loss, coef, B, options["smooth"], options["alpha"], options["beta"],
-                           options["weight_ce"], options["weight_dice"], C=C, C_PAD=c_pad,
-                           B_PAD=triton.next_power_of_2(B), BATCH_DICE=options["batch_dice"],
-                           FIRST=0 if options["do_bg"] else 1)
+    b_pad = triton.next_power_of_2(B)
+    p_block = max(1, min(triton.next_power_of_2(programs), 2048 // (b_pad * c_pad)))
+    _finalize_kernel[(1,)](partial, loss, coef, B, programs, options["smooth"], options["alpha"], options["beta"],
+                           options["weight_ce"], options["weight_dice"], C=C, C_PAD=c_pad, B_PAD=b_pad,
+                           P_BLOCK=p_block, BATCH_DICE=options["batch_dice"], FIRST=0 if options["do_bg"] else 1)
     return loss, coef
 
 

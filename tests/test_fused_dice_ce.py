@@ -403,11 +403,12 @@ for x in ("*fp16", "*bf16", "*fp32"):
             assert triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                   target=target).asm["cubin"]
             print("compiled", fn.__name__, x, t)
-final = {"sums_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32", "B": "i32", "smooth": "fp32",
+final = {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32", "B": "i32", "P": "i32", "smooth": "fp32",
          "alpha": "fp32", "beta": "fp32", "weight_ce": "fp32", "weight_dice": "fp32", "C": "constexpr",
-         "C_PAD": "constexpr", "B_PAD": "constexpr", "BATCH_DICE": "constexpr", "FIRST": "constexpr"}
+         "C_PAD": "constexpr", "B_PAD": "constexpr", "P_BLOCK": "constexpr", "BATCH_DICE": "constexpr",
+         "FIRST": "constexpr"}
 for batch_dice in (True, False):
-    constexprs = {"C": 4, "C_PAD": 4, "B_PAD": 2, "BATCH_DICE": batch_dice, "FIRST": 1}
+    constexprs = {"C": 4, "C_PAD": 4, "B_PAD": 2, "P_BLOCK": 256, "BATCH_DICE": batch_dice, "FIRST": 1}
     assert triton.compile(ASTSource(fn=f._finalize_kernel, signature=final, constexprs=constexprs),
                           target=target).asm["cubin"]
     print("compiled _finalize_kernel", batch_dice)
