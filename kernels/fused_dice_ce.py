@@ -394,10 +394,12 @@ class FusedDiceCELoss(nn.Module):
     """Drop-in for nnU-Net's `DC_and_CE_loss(soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice,
     ignore_label, dice_class=MemoryEfficientSoftDiceLoss)`: same arguments, value and gradient.
     `soft_dice_kwargs` takes batch_dice, do_bg, smooth, ddp (nnU-Net's defaults: do_bg=True,
-    smooth=1.0, ddp=True); `ce_kwargs` must be plain CrossEntropyLoss (no weight, no smoothing)."""
+    smooth=1.0, ddp=True); `ce_kwargs` must be plain CrossEntropyLoss (no weight, no smoothing).
+    `alpha`, `beta` (keyword only) make the Dice term Tversky's (false positives weighted by alpha,
+    false negatives by beta; 0.5 and 0.5 are the Dice of nnU-Net, smoothing included)."""
 
     def __init__(self, soft_dice_kwargs: dict, ce_kwargs: dict, weight_ce: float = 1, weight_dice: float = 1,
-                 ignore_label: int = None):
+                 ignore_label: int = None, *, alpha: float = 0.5, beta: float = 0.5):
         super().__init__()
         unknown = set(soft_dice_kwargs) - {"batch_dice", "do_bg", "smooth", "ddp"}
         if unknown:
@@ -415,6 +417,8 @@ class FusedDiceCELoss(nn.Module):
         self.weight_ce = weight_ce
         self.weight_dice = weight_dice
         self.ignore_label = ignore_label
+        self.alpha = alpha
+        self.beta = beta
 
     @classmethod
     def from_nnunet(cls, loss) -> "FusedDiceCELoss":
@@ -431,8 +435,9 @@ class FusedDiceCELoss(nn.Module):
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return fused_dice_ce(net_output, target, batch_dice=self.batch_dice, do_bg=self.do_bg, smooth=self.smooth,
                              weight_ce=self.weight_ce, weight_dice=self.weight_dice,
-                             ignore_label=self.ignore_label, ddp=self.ddp)
+                             ignore_label=self.ignore_label, ddp=self.ddp, alpha=self.alpha, beta=self.beta)
 
     def extra_repr(self) -> str:
         return (f"batch_dice={self.batch_dice}, do_bg={self.do_bg}, smooth={self.smooth}, ddp={self.ddp}, "
-                f"weight_ce={self.weight_ce}, weight_dice={self.weight_dice}, ignore_label={self.ignore_label}")
+                f"weight_ce={self.weight_ce}, weight_dice={self.weight_dice}, ignore_label={self.ignore_label}, "
+                f"alpha={self.alpha}, beta={self.beta}")

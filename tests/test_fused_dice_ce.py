@@ -429,3 +429,129 @@ def test_kernels_compile_for_a_gpu_without_one():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compiled") == 14
+
+
+# ------------------------------------------------------------------ Tversky + CE
+def tversky_reference(logits, target, *, alpha, beta, batch_dice, do_bg, smooth=1e-5, ignore_label=None,
+                      weight_ce=1.0, weight_dice=1.0):
+    """Tversky + CE written out in float64 torch with autograd (not the fused maths):
+    T_k = (2 I + s) / max(2 I + 2 alpha (P - I) + 2 beta (G - I) + s, 1e-8)."""
+    x = logits.detach().cpu().double().requires_grad_()
+    t = target.cpu().long()[:, 0]
+    C = x.shape[1]
+    mask = torch.ones_like(t, dtype=torch.float64) if ignore_label is None else (t != ignore_label).double()
+    t = torch.where(t == (ignore_label if ignore_label is not None else -1), 0, t)
+    p = torch.softmax(x, 1)
+    y = torch.nn.functional.one_hot(t, C).movedim(-1, 1).double()
+    m = mask[:, None]
+    axes = tuple(range(2, x.ndim))
+    inter, pred, gt = (p * y * m).sum(axes), (p * m).sum(axes), (y * m).sum(axes)
+    if batch_dice:
+        inter, pred, gt = inter.sum(0), pred.sum(0), gt.sum(0)
+    den = 2 * inter + 2 * alpha * (pred - inter) + 2 * beta * (gt - inter) + smooth
+    tversky = (2 * inter + smooth) / den.clamp_min(1e-8)
+    first = 0 if do_bg else 1
+    ce_voxels = -(torch.log_softmax(x, 1) * y).sum(1) * mask
+    ce = ce_voxels.sum() / mask.sum() if mask.sum() > 0 else ce_voxels.sum() * 0
+    value = weight_ce * ce - weight_dice * tversky[..., first:].mean()
+    value.backward()
+    return value.detach(), x.grad
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [(2, 4, 23, 19), (2, 4, 9, 11, 13), (3, 6, 7, 10, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("batch_dice", [False, True], ids=["sample_dice", "batch_dice"])
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.7), (0.7, 0.3), (0.1, 0.9), (1.0, 1.0)])
+def test_tversky_matches_a_float64_reference(device, backend, shape, batch_dice, alpha, beta):
+    logits, target = random_case(shape, seed=hash((shape, alpha)) % 2**31)
+    value, grad, _ = fused(logits, target, device, backend, grad_output=0.75, batch_dice=batch_dice, alpha=alpha,
+                           beta=beta)
+    assert_close_fp32(value, grad, *tversky_reference(logits, target, alpha=alpha, beta=beta, batch_dice=batch_dice,
+                                                       do_bg=False))
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("kind", ["absent_class", "all_background", "single_voxel_class"])
+def test_tversky_edge_targets_and_ignore_label(device, backend, kind):
+    logits, target = edge_target(kind, (2, 4, 19, 33), seed=53)
+    target[:, :, :3] = 4  # an ignored band
+    kw = dict(alpha=0.3, beta=0.7, batch_dice=True, do_bg=False, ignore_label=4)
+    value, grad, _ = fused(logits, target, device, backend, **kw)
+    assert torch.isfinite(grad).all()
+    assert_close_fp32(value, grad, *tversky_reference(logits, target, **kw))
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tversky_half_precision(device, backend, dtype):
+    logits, target = random_case((2, 4, 16, 32, 32), seed=59)
+    logits = logits.to(dtype)
+    ref_value, ref_grad = tversky_reference(logits, target, alpha=0.3, beta=0.7, batch_dice=False, do_bg=False)
+    value, grad, _ = fused(logits, target, device, backend, grad_output=AMP_GRAD_OUTPUT, batch_dice=False,
+                           alpha=0.3, beta=0.7)
+    assert abs(value - ref_value) / abs(ref_value) <= 2e-3
+    best = (ref_grad * AMP_GRAD_OUTPUT).to(dtype).double() / AMP_GRAD_OUTPUT
+    assert (grad - best).norm() / ref_grad.norm() <= 2e-3
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_tversky_at_one_half_is_nnunets_dice(device, backend):
+    """alpha = beta = 0.5 is nnU-Net's DC_and_CE_loss, smoothing included, through the module."""
+    logits, target = random_case((2, 4, 9, 12, 10), seed=61, ignore_label=4)
+    soft_dice = {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}
+    x = logits.to(device).requires_grad_()
+    value = FusedDiceCELoss(dict(soft_dice), {}, ignore_label=4, alpha=0.5, beta=0.5)(x, target.to(device))
+    value.backward()
+    ref_value, ref_grad = reference(logits, target, batch_dice=True, do_bg=False, ignore_label=4)
+    assert_close_fp32(value.detach().cpu().double(), x.grad.cpu().double(), ref_value, ref_grad)
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_tversky_deep_supervision(device, backend):
+    patch = np.prod(PLAN_POOLING, axis=0).tolist()
+    logits, targets, weights = deep_supervision_case(patch, num_classes=4, batch=2, seed=67)
+    ours = DeepSupervisionWrapper(FusedDiceCELoss({"batch_dice": False, "smooth": 1e-5, "do_bg": False,
+                                                   "ddp": False}, {}, alpha=0.3, beta=0.7), weights)
+    xs = [x.to(device).requires_grad_() for x in logits]
+    value = ours(xs, [t.to(device) for t in targets])
+    value.backward()
+    total = 0.0
+    for x, t, w, ours_x in zip(logits, targets, weights, xs):
+        if w == 0:
+            assert ours_x.grad is None
+            continue
+        ref_value, ref_grad = tversky_reference(x, t, alpha=0.3, beta=0.7, batch_dice=False, do_bg=False)
+        total += w * ref_value.item()
+        err = (ours_x.grad.cpu().double() / w - ref_grad).abs().max() / ref_grad.abs().max()
+        assert err <= 1e-4
+    assert abs(value.item() - total) / abs(total) <= 1e-5
+
+
+def test_tversky_arguments_are_checked():
+    logits, target = random_case((2, 4, 9, 10), seed=71)
+    with pytest.raises(ValueError, match="alpha and beta"):
+        fused_dice_ce(logits, target, batch_dice=True, alpha=-0.1, beta=0.5)
+    with pytest.raises(ValueError, match="alpha and beta"):
+        fused_dice_ce(logits, target, batch_dice=True, alpha=0.0, beta=0.0)
+
+
+def test_heart_trainer_tversky_variant(monkeypatch, tmp_path):
+    pytest.importorskip("SimpleITK")  # nnUNetTrainer needs it
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    from nnunet_heart_ext.trainers import HeartTrainer_tversky, HeartTrainer_tversky_250epochs
+
+    patch = np.prod(PLAN_POOLING, axis=0).tolist()
+    for cls in (HeartTrainer_tversky, HeartTrainer_tversky_250epochs):
+        trainer = cls(_plans(patch), "3d_fullres", 0, _DATASET_JSON, device=torch.device("cpu"))
+        loss = trainer._build_loss()
+        assert isinstance(loss, DeepSupervisionWrapper) and isinstance(loss.loss, FusedDiceCELoss)
+        assert (loss.loss.alpha, loss.loss.beta) == (0.3, 0.7)
+        assert trainer.oversample_foreground_percent == 0.5
+    assert trainer.num_epochs == 250
+    logits, targets, _ = deep_supervision_case(patch, 4, 2, seed=73)
+    value = loss([x.clone().requires_grad_() for x in logits], targets)
+    expected = sum(w * tversky_reference(x, t, alpha=0.3, beta=0.7, batch_dice=True, do_bg=False)[0].item()
+                   for x, t, w in zip(logits, targets, loss.weight_factors) if w != 0)
+    assert abs(value.item() - expected) / abs(expected) <= 1e-5

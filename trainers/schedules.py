@@ -7,7 +7,8 @@ phantom (`nnunet-heart phantom`) on 2 CPU cores in minutes.
 """
 import torch
 
-from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer, HeartTrainer_nnUNetDA, HeartTrainer_nnUNetLoss
+from nnunet_heart_ext.trainers.heart_trainer import (HeartTrainer, HeartTrainer_nnUNetDA, HeartTrainer_nnUNetLoss,
+                                                      HeartTrainer_tversky)
 
 # suffix -> attributes set after nnUNetTrainer.__init__
 SCHEDULES = {
@@ -47,8 +48,9 @@ def make_schedule_variant(base: type, suffix: str, attributes: dict) -> type:
 
 
 # HeartTrainer_nnUNetLoss_<schedule> (nnU-Net's loss) and HeartTrainer_nnUNetDA_<schedule> (nnU-Net's
-# CPU augmentation) too: the same schedule with one speed-up left out, for comparisons.
-BASES = (HeartTrainer, HeartTrainer_nnUNetLoss, HeartTrainer_nnUNetDA)
+# CPU augmentation) too: the same schedule with one speed-up left out, for comparisons; and
+# HeartTrainer_tversky_<schedule> (Tversky + CE, oversampling 0.5).
+BASES = (HeartTrainer, HeartTrainer_nnUNetLoss, HeartTrainer_nnUNetDA, HeartTrainer_tversky)
 for _base in BASES:
     for _suffix, _attributes in SCHEDULES.items():
         _cls = make_schedule_variant(_base, _suffix, _attributes)
