@@ -9,8 +9,11 @@ on the case's voxel grid, so structures keep their physical size whatever the sp
     heart: tissue ~40 HU, right ventricle and left atrium blood ~0.7-0.9 x contrast
     left ventricle: blood pool (contrast 300-450 HU) inside a myocardium shell (100-150 HU,  label 1)
     LV outflow tract -> aortic root: blood; aortic valve where they meet: annulus ring and three
-        cusps bulging toward the ventricle, ~90 HU                                           (label 2)
-    calcifications: 1-4 tiny blobs of 800-1300 HU on the valve, in about a third of the cases (label 3)
+        cusps bulging toward the ventricle, leaflets 1-2 mm thick, 60-120 HU          (label 2)
+    calcifications: 1-4 blobs of 1-2.5 mm radius (4-65 mm^3), 800-1300 HU, at the cusps' bases,
+        in about a third of the cases                                                   (label 3)
+    Every size is in millimetres and independent of the spacing: nothing is drawn larger to be
+    easier to learn, so at a coarse spacing a thin leaflet or a small blob covers few voxels.
     + Gaussian noise (15-30 HU); small random shift, rotation and size of the heart per case.
 
 Default cases are small for CPU training: ~112-128 x 112-128 in-plane at 1.2-1.6 mm, ~50-75 slices.
@@ -202,11 +205,9 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     img[box.slices][blood] = contrast
     lab[box.slices][myocardium] = 1
 
-    # aortic valve: annulus ring plus three cusps bulging toward the ventricle. The label is drawn
-    # thick enough to span three voxels at the case's in-plane spacing; the leaflet tissue fills most
-    # of it (a thinner tissue sheet, blurred into the contrast blood, left the class unlearnable for
-    # the CPU demo's small network in its few hundred iterations)
-    thickness = max(2.5, 3.0 * spacing[1])
+    # aortic valve: annulus ring plus three cusps bulging toward the ventricle; leaflet tissue 1-2 mm
+    # thick, labelled as drawn (sizes in mm, whatever the spacing)
+    thickness = rng.uniform(1.0, 2.0)
     depth = 0.45 * ao_r
     vbox = _Box(shape, spacing, valve_at, np.full(3, ao_r + 3 * thickness + 4))
     valve_frame = _frame(ao_axis)
@@ -218,21 +219,21 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     angle = np.arctan2(q, p) - rng.uniform(0, 2 * np.pi / 3)
     commissures = (np.abs(r * np.sin(3 * angle / 2)) <= thickness / 2) & (r <= ao_r) \
         & (w >= cusp_surface) & (w <= cusp_surface + 1.5 * thickness)  # where the cusps meet (Y shape)
-    ring = (r - ao_r) ** 2 + w ** 2 <= (0.9 * thickness) ** 2
+    ring = (r - ao_r) ** 2 + w ** 2 <= (0.9 * thickness) ** 2  # the annulus, 1.8-3.6 mm across
     valve = leaflets | commissures | ring
-    img[vbox.slices][(from_cusp <= 0.45 * thickness) & (r <= ao_r) | ring] = rng.uniform(60.0, 120.0)
+    img[vbox.slices][valve] = rng.uniform(60.0, 120.0)
     lab[vbox.slices][valve] = 2
 
-    # calcifications: tiny bright blobs at the cusps' bases, at least ~one voxel across on every axis
+    # calcifications: bright blobs of 1-2.5 mm radius (4-65 mm^3, like the AICUP 2025 cases' 59-1023
+    # voxels of ~0.06 mm^3) at the cusps' bases; at a coarse spacing a blob may cover few voxels
     if calcified:
         for _ in range(int(rng.integers(1, 5))):
             theta, rr = rng.uniform(0, 2 * np.pi), ao_r * rng.uniform(0.7, 1.0)
             surf = -depth * (1 - (rr / ao_r) ** 2)
             at = valve_at + valve_frame.T @ np.array([surf, rr * np.cos(theta), rr * np.sin(theta)])
-            radius = max(rng.uniform(1.2, 2.6), 1.8 * spacing[1])
-            semi = [max(radius, 0.8 * s) for s in spacing]
-            cbox = _Box(shape, spacing, at, np.array(semi) + 1)
-            blob = cbox.ellipsoid(at, np.eye(3), semi)
+            radius = rng.uniform(1.0, 2.5)
+            cbox = _Box(shape, spacing, at, np.full(3, radius + 1))
+            blob = cbox.ellipsoid(at, np.eye(3), (radius,) * 3)
             img[cbox.slices][blob] = rng.uniform(800.0, 1300.0)
             lab[cbox.slices][blob] = 3
 

@@ -6,7 +6,9 @@
   `nnUNetPlans` data. Preprocessing by `HeartPreprocessor`, resampling (preprocessing and
   export) by `resample_data_or_seg_to_shape_numba`: nnU-Net's results, faster.
 - `HeartDemoPlanner` -> plans `HeartDemoPlans`: a small network and patch for the synthetic
-  phantom on a CPU (used by `ensemble_pipeline.sh --demo` and the tests).
+  phantom on a CPU (used by `ensemble_pipeline.sh --demo` and the tests), and CT channels
+  normalised by `HeartCTNormalization` (nnunet_heart_ext/normalization.py: nnU-Net's CT
+  normalisation without clipping the calcifications away).
 """
 from typing import List, Tuple, Union
 
@@ -65,3 +67,7 @@ class HeartDemoPlanner(HeartPlanner):
         # A tiny memory budget makes nnU-Net's own patch-size search shrink the patch.
         self.UNet_vram_target_GB = 0.05
         self.UNet_min_batch_size = 2
+
+    def determine_normalization_scheme_and_whether_mask_is_used_for_norm(self):
+        schemes, use_mask = super().determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        return ["HeartCTNormalization" if s == "CTNormalization" else s for s in schemes], use_mask

@@ -13,6 +13,7 @@ EXTENSION_MODULES = (
     "nnunet_heart_ext.trainers",
     "nnunet_heart_ext.planners",
     "nnunet_heart_ext.preprocessing",
+    "nnunet_heart_ext.normalization",
     "nnunet_heart_ext.kernels.resample",
 )
 

@@ -27,7 +27,8 @@ from nnunet_heart_ext.trainers.device_augmentation import HeartDataLoader, unsup
 
 class HeartTrainer(nnUNetTrainer):
     """The extension's trainer. Schedule variants (`HeartTrainer_250epochs`, ...) live in
-    `schedules.py`; `HeartTrainer_nnUNetLoss` keeps nnU-Net's own loss for comparisons."""
+    `schedules.py`; `HeartTrainer_nnUNetLoss` keeps nnU-Net's own loss and `HeartTrainer_nnUNetDA`
+    nnU-Net's CPU augmentation, for comparisons; `HeartTrainer_tversky` trains with Tversky + CE."""
 
     # Mirroring at validation and prediction (nnU-Net: on; it is stored in the checkpoint, so
     # nnUNetv2_predict follows it). The CPU schedules switch it off: it costs 8x the sliding-window
@@ -60,7 +61,6 @@ class HeartTrainer(nnUNetTrainer):
             loss.loss = fused
             return loss
         return fused
-
 
     def get_dataloaders(self):
         """nnU-Net's loaders; the training one only loads and cuts when the device augments."""
