@@ -401,8 +401,11 @@ def test_nnunet_function_is_replaced_under_its_own_name(nnunet_keep_largest_from
     replaced = module.remove_all_but_largest_component_from_segmentation
     original = nnunet_keep_largest_from_segmentation
     assert getattr(replaced, "_nnunet_heart_ext", False) and replaced is not original
-    parameters = [(p.name, p.default, p.kind) for p in inspect.signature(replaced, follow_wrapped=False).parameters.values()]
-    assert parameters == [(p.name, p.default, p.kind) for p in inspect.signature(original).parameters.values()]
+    def parameters(function):
+        signature = inspect.signature(function, follow_wrapped=False)
+        return [(p.name, p.default, p.kind) for p in signature.parameters.values()]
+
+    assert parameters(replaced) == parameters(original)
     assert (replaced.__module__, replaced.__qualname__) == (original.__module__, original.__qualname__)
     assert pickle.loads(pickle.dumps(replaced)) is replaced
     assert b"nnunet_heart_ext" not in pickle.dumps(replaced)
