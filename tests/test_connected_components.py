@@ -390,16 +390,22 @@ def test_noisy_prediction_equals_nnunet(monkeypatch, nnunet_keep_largest_from_se
     assert calls and min(calls) > 10, calls
 
 
-def test_nnunet_function_is_replaced_under_its_own_name(nnunet_keep_largest_from_segmentation):
+def test_nnunet_function_is_replaced_under_its_own_name(monkeypatch, nnunet_keep_largest_from_segmentation):
     """What nnU-Net calls once the extension is installed: nnU-Net's signature, defaults and
     names (so postprocessing.pkl names nnU-Net's function), nnU-Net's output, input untouched;
-    inputs the kernel does not take go to nnU-Net's own function."""
+    inputs the kernel does not take go to nnU-Net's own function. (Where the project is not
+    installed with its hook, as in benchmarks/gpu_check.sh, the patch is applied here.)"""
     import inspect
     import pickle
 
+    from nnunet_heart_ext.postprocessing import patch_remove_connected_components
+
     module = pytest.importorskip("nnunetv2.postprocessing.remove_connected_components")
-    replaced = module.remove_all_but_largest_component_from_segmentation
     original = nnunet_keep_largest_from_segmentation
+    if module.remove_all_but_largest_component_from_segmentation is original:  # no hook in this process
+        monkeypatch.setattr(module, "remove_all_but_largest_component_from_segmentation", original)
+        patch_remove_connected_components(module)
+    replaced = module.remove_all_but_largest_component_from_segmentation
     assert getattr(replaced, "_nnunet_heart_ext", False) and replaced is not original
     def parameters(function):
         signature = inspect.signature(function, follow_wrapped=False)
