@@ -46,6 +46,6 @@ if want tests; then
     -m "not slow" tests/test_fused_dice_ce.py tests/test_connected_components.py
 fi
 want loss && run 170 "loss benchmark" python3 -P -m benchmarks --only loss --loss-devices cuda --budget-s 110 --out "$OUT"
-want cc && run 80 "connected-components benchmark" python3 -P -m benchmarks --only cc --out "$OUT"
+want cc && run 120 "connected-components benchmark" python3 -P -m benchmarks --only cc --out "$OUT"
 log "done, status $status"
 exit $status

@@ -230,9 +230,10 @@ def _clear_blocks(source, is_foreground, out, background, cells: np.ndarray, blo
 
 
 def _view_as(array: np.ndarray, shape: list) -> np.ndarray:
-    """A view of `array` with its axes split into `shape` (never a copy: writes must reach it)."""
-    view = array.view()
-    view.shape = shape  # raises where only a copy could have that shape
+    """A view of `array` with its axes split into `shape` (splitting axes never needs a copy;
+    checked, since writes must reach `array`)."""
+    view = array.reshape(shape)
+    assert view.size == 0 or np.may_share_memory(view, array), "reshape copied"
     return view
 
 
