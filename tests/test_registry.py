@@ -161,3 +161,31 @@ def test_train_command_does_not_find_an_imported_function(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     not_found = "Could not find requested nnunet trainer resample_data_or_seg_to_shape_numba"
     assert out.returncode != 0 and not_found in out.stderr, out.stderr[-2000:]
+
+
+def test_plans_written_before_the_kernels_lost_their_adapters_still_load():
+    """HeartPlans written while resample_data_or_seg_to_shape_numba lived in the kernel module
+    store only names: nnU-Net's plans manager resolves each to the extension's object."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_heart_ext.planners import HeartPlanner
+    from nnunet_heart_ext.preprocessing import HeartPreprocessor
+    from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
+
+    kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    configuration = {
+        "data_identifier": "HeartPlans_3d_fullres", "preprocessor_name": "HeartPreprocessor",
+        "resampling_fn_data": "resample_data_or_seg_to_shape_numba", "resampling_fn_data_kwargs": kwargs,
+        "resampling_fn_seg": "resample_data_or_seg_to_shape_numba",
+        "resampling_fn_seg_kwargs": dict(kwargs, is_seg=True, order=1),
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape_numba",
+        "resampling_fn_probabilities_kwargs": dict(kwargs, order=1),
+        "architecture": {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}}
+    plans = PlansManager({"dataset_name": "Dataset100_Heart", "plans_name": "HeartPlans",
+                          "experiment_planner_used": "HeartPlanner", "configurations": {"3d_fullres": configuration}})
+    manager = plans.get_configuration("3d_fullres")
+    assert manager.preprocessor_class is HeartPreprocessor
+    assert plans.experiment_planner_class is HeartPlanner
+    for fn in (manager.resampling_fn_data, manager.resampling_fn_seg, manager.resampling_fn_probabilities):
+        assert fn.func is resample_data_or_seg_to_shape_numba
+    assert manager.resampling_fn_seg.keywords["is_seg"] is True
