@@ -16,8 +16,11 @@ import sysconfig
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What .gitignore keeps out too: above all the virtual environment (gigabytes, copied twice a run
+# before it was listed here) and the pipeline's work folders.
 _COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "results",
-                                      ".pytest_cache", ".whl")
+                                      ".pytest_cache", ".whl", ".venv", "nnunet_demo", "nnunet_data",
+                                      "work_dirs", "demo_run")
 
 
 class FreshEnv:
