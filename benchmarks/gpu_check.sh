@@ -29,6 +29,10 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-d
 # python3 -P: the working tree's nnunet_heart_ext/ (without kernels/ and trainers/, which only the
 # install maps into it) must not shadow the installed package; PYTHONPATH gives tests/ and benchmarks/.
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks/device_stubs TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+# --target installs skip the .pth that registers the extension with nnU-Net (site-packages only):
+# put it into this machine's interpreter (a lent machine, discarded after the session), or nnU-Net
+# cannot find HeartPreprocessor & co. by name (seen on the first run of bench_augment).
+echo "import nnunet_heart_ext._hook" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_nnunet_heart_ext.pth"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 python3 -P -c "import torch, triton, nnunetv2, nnunet_heart_ext.kernels.fused_dice_ce as f; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$LOG"
 
@@ -50,6 +54,6 @@ fi
 want augment && run 200 "augmentation benchmark" python3 -P -m benchmarks --only augment --augment-data /tmp/bench_augment \
   --augment-budget-s 90 --out "$OUT"
 want loss && run 100 "loss benchmark" python3 -P -m benchmarks --only loss --loss-devices cuda --budget-s 60 --out "$OUT"
-want cc && run 80 "connected-components benchmark" python3 -P -m benchmarks --only cc --out "$OUT"
+want cc && run 120 "connected-components benchmark" python3 -P -m benchmarks --only cc --out "$OUT"
 log "done, status $status"
 exit $status

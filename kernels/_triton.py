@@ -1,10 +1,14 @@
-"""Triton where it imports, a clear error where it does not.
+"""Triton where it imports, a clear error where it does not; imported only when asked for.
 
 Triton is installed on Linux only (setup.py), and a kernel module must still import where it is
 absent (macOS, Windows, a CPU-only image): its CPU path works there. Kernel modules take
 `triton`, `tl` and `AVAILABLE` from here and keep ordinary Triton code: without Triton, `triton`
 and `tl` are stand-ins on which every attribute exists (so `@triton.jit` and `tl.constexpr`
 annotations evaluate at import), and launching a kernel raises `TritonUnavailable`.
+
+`import triton` happens on the first access to `triton`, `tl`, `AVAILABLE` or `REASON` (module
+`__getattr__`), not when this module is imported: code that only asks `INTERPRET`, or only runs
+its CPU path, never imports Triton (about 0.15 s, and where it is broken, an error).
 
 `INTERPRET` mirrors TRITON_INTERPRET=1, which Triton reads when a kernel is decorated: CPU
 tensors then run the kernels through Triton's interpreter (how CI tests them).
@@ -47,13 +51,20 @@ class _MissingKernel:
     __call__ = __getitem__
 
 
-try:
-    import triton
-    import triton.language as tl
+def _load() -> dict:
+    try:
+        import triton
+        import triton.language as tl
 
-    AVAILABLE = True
-    REASON = ""
-except ImportError as error:  # pragma: no cover - depends on the machine
-    AVAILABLE = False
-    REASON = f"triton does not import ({error})"
-    triton = tl = _Missing(REASON)
+        return {"triton": triton, "tl": tl, "AVAILABLE": True, "REASON": ""}
+    except ImportError as error:  # pragma: no cover - depends on the machine
+        reason = f"triton does not import ({error})"
+        missing = _Missing(reason)
+        return {"triton": missing, "tl": missing, "AVAILABLE": False, "REASON": reason}
+
+
+def __getattr__(name):
+    if name in ("triton", "tl", "AVAILABLE", "REASON"):
+        globals().update(_load())  # later lookups find the module globals directly
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

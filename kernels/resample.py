@@ -1,4 +1,10 @@
-"""nnU-Net's default resampling (`resample_data_or_seg_to_shape`), computed with Numba.
+"""Resampling of (C, Z, Y, X) arrays to a new shape, separable, with Numba: the results of nnU-Net's
+default resampling (`resample_data_or_seg_to_shape`) for the orders it uses.
+
+`resample(data, new_shape, is_seg, order, order_z, separate_axis, threads)` takes and gives numpy
+arrays and knows nothing of nnU-Net: spacings, the anisotropy rule that picks `separate_axis`,
+the fallback for other orders and the thread policy of nnU-Net's worker pools live in the
+adapter with nnU-Net's signature, nnunet_heart_ext/resampling.py.
 
 Reference maths (nnunetv2 2.8.1 `preprocessing/resampling/default_resampling.py`, which calls
 skimage `resize(mode='edge', anti_aliasing=False, clip=True)` = scipy `zoom(grid_mode=True,
@@ -23,35 +29,26 @@ mode='nearest')`, and batchgenerators `resize_segmentation`):
   nearest-neighbour label wins if it is among the tied labels, else the smallest tied label.
   Here one pass over the output decides every voxel from its 8 neighbours; the indicator values
   are summed in scipy's corner order with scipy's weights, in float64, so ties are the same ties.
-- Separate z (anisotropic spacing, `determine_do_sep_z_and_axis`): the in-plane axes as above per
-  slice, then the low-resolution axis with `map_coordinates(order=order_z, mode='nearest')`; for
+- Separate axis (`separate_axis`, nnU-Net's "separate z" for anisotropic spacing): the other
+  two axes as above per slice, then the low-resolution axis with `map_coordinates(order=order_z, mode='nearest')`; for
   segmentations with order_z 1 the largest label whose interpolated indicator exceeds 0.5 wins,
   0 where none does (nnU-Net's rule on that path).
 
 Images are computed in float32 (the reference uses float64): differences are about 1e-6 of the
 value range. Integer-typed images can therefore differ by 1 where the exact value is within
-rounding of an integer, because both truncate. Orders other than 0, 1, 3 (and order_z other
-than 0, 1) are passed on to nnU-Net's own function.
+rounding of an integer, because both truncate. Orders: images 0, 1, 3; segmentations 0, 1;
+order_z 0, 1 (`supports`); others raise ValueError.
 
-Threads: in the main process Numba uses all its threads; in a worker process (nnU-Net's
-preprocessing and export pools) it uses `cores // nnUNet_def_n_proc` threads, at least one, so
-that a pool of N workers does not run N x cores threads. `NUMBA_NUM_THREADS` caps both.
-Kernels are compiled with `cache=True`: a fresh worker loads them from `__pycache__`.
+Threads: `threads` sets Numba's thread count for the call (capped by NUMBA_NUM_THREADS); None
+keeps Numba's current setting. Kernels are compiled with `cache=True`: a fresh worker process
+loads them from `__pycache__`.
 """
 import math
-import multiprocessing
-import os
-from typing import List, Tuple, Union
+from typing import Optional, Sequence
 
 import numba
 import numpy as np
-import torch
 from numba import njit, prange
-from nnunetv2.configuration import ANISO_THRESHOLD
-from nnunetv2.preprocessing.resampling.default_resampling import (
-    determine_do_sep_z_and_axis,
-    resample_data_or_seg_to_shape,
-)
 
 _PAD = 12  # scipy's zoom pads each axis by 12 edge samples before the spline prefilter
 _POLE = math.sqrt(3.0) - 2.0  # cubic B-spline prefilter pole
@@ -365,7 +362,7 @@ def _seg_linear_threshold_axis0(src, dst, idx, w):
                 dst[k, j] = 0
 
 
-def _resample_seg(seg: np.ndarray, dst: np.ndarray, order: int, sep_axis: Union[int, None]) -> np.ndarray:
+def _resample_seg(seg: np.ndarray, dst: np.ndarray, order: int, sep_axis: Optional[int]) -> np.ndarray:
     """Order 0 or 1 to dst.shape over all axes, or (sep_axis given) in-plane only."""
     shape = seg.shape
     in_plane = [a for a in range(3) if a != sep_axis]
@@ -397,23 +394,19 @@ def _resample_seg_along(seg: np.ndarray, dst: np.ndarray, axis: int, order_z: in
 
 
 # ----------------------------------------------------------------------------- public function
-def _configure_threads() -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if multiprocessing.parent_process() is None:
-        wanted = cores
-    else:  # one of nnU-Net's pool workers: share the cores with the other workers
-        from nnunetv2.configuration import default_num_processes
-        wanted = max(1, cores // max(1, default_num_processes))
-    numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
+def supports(is_seg: bool, order: int, order_z: int) -> bool:
+    """Whether `resample` computes these orders (images 0, 1, 3; segmentations 0, 1; order_z 0, 1)."""
+    return order in ((0, 1) if is_seg else (0, 1, 3)) and order_z in (0, 1)
 
 
 def _channel(data_c: np.ndarray, dst: np.ndarray, is_seg: bool, order: int, order_z: int,
-             do_separate_z: bool, axis) -> None:
+             separate_axis: Optional[int]) -> None:
     """Resample one channel (3-D) into dst, a C-contiguous (Z, Y, X) array of the output dtype."""
+    axis = separate_axis
     if is_seg:
         if data_c.size == 0:
             dst[...] = 0
-        elif not do_separate_z:
+        elif axis is None:
             _resample_seg(np.ascontiguousarray(data_c), dst, order, None)
         elif data_c.shape[axis] == dst.shape[axis]:
             _resample_seg(np.ascontiguousarray(data_c), dst, order, axis)
@@ -424,10 +417,10 @@ def _channel(data_c: np.ndarray, dst: np.ndarray, is_seg: bool, order: int, orde
             _resample_seg(np.ascontiguousarray(data_c), plane, order, axis)
             _resample_seg_along(plane, dst, axis, order_z)
         return
-    if not do_separate_z:
+    if axis is None:
         _resample_image(data_c, dst, order, data_c.min(), data_c.max())
         return
-    # separate z: in-plane resampling clipped per slice (skimage resizes each slice on its own)
+    # separate axis: in-plane resampling clipped per slice (skimage resizes each slice on its own)
     in_plane = tuple(a for a in range(3) if a != axis)
     bounds = [None, None, None]
     bounds[axis] = slice(None)
@@ -443,30 +436,30 @@ def _channel(data_c: np.ndarray, dst: np.ndarray, is_seg: bool, order: int, orde
         _resample_image(plane, dst, order_z, axes=(axis,))
 
 
-def resample_data_or_seg_to_shape_numba(data: Union[torch.Tensor, np.ndarray],
-                                        new_shape: Union[Tuple[int, ...], List[int], np.ndarray],
-                                        current_spacing: Union[Tuple[float, ...], List[float], np.ndarray],
-                                        new_spacing: Union[Tuple[float, ...], List[float], np.ndarray],
-                                        is_seg: bool = False, order: int = 3, order_z: int = 0,
-                                        force_separate_z: Union[bool, None] = None,
-                                        separate_z_anisotropy_threshold: float = ANISO_THRESHOLD):
-    """Drop-in for nnU-Net's `resample_data_or_seg_to_shape`: `data` (C, Z, Y, X) numpy array or
-    CPU tensor -> numpy array of shape (C, *new_shape) in data's dtype (data itself when the shape
-    does not change). Same separate-z decision; see the module docstring for the maths."""
-    if isinstance(data, torch.Tensor):
-        data = data.cpu().numpy()
-    assert data.ndim == 4, "data must be c x y z"
+def resample(data: np.ndarray, new_shape: Sequence[int], is_seg: bool = False, order: int = 3, order_z: int = 0,
+             separate_axis: Optional[int] = None, threads: Optional[int] = None) -> np.ndarray:
+    """`data` (C, Z, Y, X) -> a new array (C, *new_shape) in data's dtype.
+
+    is_seg: label maps (order 0 nearest, order 1 per-label linear with nnU-Net's tie rule) rather
+    than images (order 0, 1 or cubic B-spline 3, clipped to the input's range).
+    separate_axis: None resamples the three axes together; 0, 1 or 2 resamples the other two
+    per slice with `order`, then that axis alone with `order_z`.
+    threads: Numba threads for this call (None: Numba's current setting).
+    The maths are in the module docstring."""
+    data = np.asarray(data)
+    if data.ndim != 4:
+        raise ValueError(f"resample: data must be (C, Z, Y, X), got {data.ndim} dimensions")
     new_shape = tuple(int(i) for i in new_shape)
-    assert len(new_shape) == 3, f"new_shape must have 3 entries, got {new_shape}"
-    if order not in (0, 1, 3) or order_z not in (0, 1) or (is_seg and order == 3):
-        return resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, is_seg, order,
-                                             order_z, force_separate_z, separate_z_anisotropy_threshold)
-    if tuple(data.shape[1:]) == new_shape:
-        return data
-    do_separate_z, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing,
-                                                      separate_z_anisotropy_threshold)
-    _configure_threads()
+    if len(new_shape) != 3:
+        raise ValueError(f"resample: new_shape must have 3 entries, got {new_shape}")
+    if not supports(is_seg, order, order_z):
+        raise ValueError(f"resample: order {order}, order_z {order_z} for {'segmentations' if is_seg else 'images'} "
+                         "is not computed here (supports(is_seg, order, order_z))")
+    if separate_axis not in (None, 0, 1, 2):
+        raise ValueError(f"resample: separate_axis must be None, 0, 1 or 2, got {separate_axis!r}")
+    if threads is not None:
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     out = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
     for c in range(data.shape[0]):
-        _channel(data[c], out[c], is_seg, order, order_z, do_separate_z, axis)
+        _channel(data[c], out[c], is_seg, order, order_z, separate_axis)
     return out

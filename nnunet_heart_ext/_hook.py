@@ -18,7 +18,8 @@ PATCHES = {
     # Name lookups (trainers, planners, preprocessors, resampling functions) fall back to the
     # extension's registry. Callers bind the function at their own import time, after this ran.
     "nnunetv2.utilities.find_class_by_name": "nnunet_heart_ext.registry:patch_find_class_module",
-    # Keep-largest-component postprocessing on the extension's connected components (cc3d/Triton).
+    # nnU-Net's keep-largest postprocessing function replaced by one of the same name and output
+    # on the extension's connected components (imports neither Triton nor the kernels until called).
     "nnunetv2.postprocessing.remove_connected_components":
         "nnunet_heart_ext.postprocessing:patch_remove_connected_components",
 }

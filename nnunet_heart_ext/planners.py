@@ -16,7 +16,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     ResEncUNetPlanner,
 )
 
-from nnunet_heart_ext.kernels.resample import resample_data_or_seg_to_shape_numba
+from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
 
 
 class HeartPlanner(ResEncUNetPlanner):

@@ -1,57 +1,65 @@
-"""nnU-Net's keep-largest-component postprocessing on the extension's connected components.
+"""nnU-Net's keep-largest-component postprocessing at the kernel's speed, under nnU-Net's name.
 
-What changes. `nnunetv2.postprocessing.remove_connected_components` imports acvl_utils'
-`remove_all_but_largest_component` (skimage labelling + `np.isin`, about 1.5-3 s a CT volume)
-and calls it by that module-level name from `remove_all_but_largest_component_from_segmentation`.
-`patch_remove_connected_components` (run by the import hook, _hook.py, in every process,
-spawned workers included) rebinds that one name to `remove_all_but_largest_component_like_acvl`,
-which computes the same mask with nnunet_heart_ext.kernels.connected_components: cc3d on the
-CPU, the Triton kernels when a GPU is there.
+What changes. `patch_remove_connected_components` (run by the import hook, _hook.py, in every
+process, spawned workers included, right after nnunetv2.postprocessing.remove_connected_components
+has executed) binds a replacement of that module's
+`remove_all_but_largest_component_from_segmentation`: the same arguments and defaults, the same
+output (input untouched), computed by nnunet_heart_ext.kernels.connected_components (cc3d on the
+CPU, only around the components that could be the largest; the Triton kernels on a GPU).
+Inputs the kernel does not take (not a numpy array, not 2D or 3D, not a plain number dtype) go
+to nnU-Net's own function. Replacing the whole function, not the acvl_utils labelling it calls,
+is what makes nnU-Net's function as fast as the kernel's: nnU-Net's mask building and copies
+around the labelling cost as much as the labelling.
 
 Pickle design. `determine_postprocessing` (`nnUNetv2_find_best_configuration`) pickles the
-function objects it chose into postprocessing.pkl by reference. nnU-Net's own
-`remove_all_but_largest_component_from_segmentation` stays untouched and is what gets pickled,
-so the pickle is byte for byte the one plain nnU-Net writes: it names only nnunetv2, loads where
-the extension is installed without a GPU, and where it is not installed at all (then nnU-Net's
-original code runs). The decisions and output files are the same because the swapped function
-returns the same mask (tests/test_postprocessing_integration.py checks both).
+function objects it chose into postprocessing.pkl, and pickle stores a function by module and
+qualified name. The replacement carries nnU-Net's `__module__`, `__qualname__`, `__name__` and
+docstring (functools.wraps; `__wrapped__` is nnU-Net's function), and it is what that module's
+attribute holds, so it pickles as nnU-Net's own: postprocessing.pkl is byte for byte the one
+plain nnU-Net writes, names only nnunetv2, and loads where the extension is not installed (there
+nnU-Net's code runs); a pickle written by plain nnU-Net loads here and runs the replacement.
+tests/test_postprocessing_integration.py checks both directions and the decisions.
 
-Device: NNUNET_HEART_EXT_CC_DEVICE = auto (default: the GPU when torch sees one), cpu, or cuda.
+Device: NNUNET_HEART_EXT_CC_DEVICE = auto (default: the GPU when torch sees one and Triton
+imports), cpu, or cuda. Nothing here imports Triton unless the GPU path is chosen.
 """
+import functools
 import os
 import warnings
 
 import numpy as np
-from acvl_utils.morphology import morphology_helper as _acvl
 
-# skimage's connectivity (what acvl_utils passes on: 1 = faces .. ndim = full, None = full)
-# -> the number of neighbours used by the extension's kernels.
-_SKIMAGE_TO_NEIGHBOURS = {2: {1: 4, 2: 8}, 3: {1: 6, 2: 18, 3: 26}}
 _DEVICE_ENV = "NNUNET_HEART_EXT_CC_DEVICE"
+# dtypes whose torch tensors support the comparisons and writes of the GPU path
+_GPU_DTYPES = {np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32,
+                                     np.float64)}
 
 
-def remove_all_but_largest_component_like_acvl(binary_image: np.ndarray, connectivity: int = None) -> np.ndarray:
-    """acvl_utils.morphology.morphology_helper.remove_all_but_largest_component, same arguments and
-    output, on the extension's kernels. Inputs skimage treats differently (non-boolean images,
-    whose components are runs of equal value; other dimensions; unusual connectivity) go to
-    acvl_utils' own function."""
-    neighbours = None
-    if isinstance(binary_image, np.ndarray) and binary_image.dtype == bool:
-        skimage_connectivity = binary_image.ndim if connectivity is None else connectivity
-        neighbours = _SKIMAGE_TO_NEIGHBOURS.get(binary_image.ndim, {}).get(skimage_connectivity)
-    if neighbours is None:
-        return _acvl.remove_all_but_largest_component(binary_image, connectivity)
-    from nnunet_heart_ext.kernels.connected_components import remove_all_but_largest_component
+def keep_largest_like_nnunet(original):
+    """A replacement for nnU-Net's `remove_all_but_largest_component_from_segmentation`
+    (`original`): its signature, defaults, names and output, on the extension's kernel."""
 
-    if _use_cuda():
-        import torch
+    @functools.wraps(original)
+    def remove_all_but_largest_component_from_segmentation(segmentation, labels_or_regions, background_label=0):
+        if not (isinstance(segmentation, np.ndarray) and segmentation.ndim in (2, 3)
+                and segmentation.dtype.kind in "biuf"):
+            return original(segmentation, labels_or_regions, background_label)
+        from nnunet_heart_ext.kernels import connected_components as kernel
 
-        try:
-            mask = torch.from_numpy(binary_image).cuda()
-            return remove_all_but_largest_component(mask, neighbours).cpu().numpy()
-        except torch.cuda.OutOfMemoryError:  # e.g. a training run holds the GPU: same result on the CPU
-            warnings.warn("nnunet_heart_ext: GPU out of memory in keep-largest postprocessing, using the CPU")
-    return remove_all_but_largest_component(binary_image, neighbours)
+        if segmentation.dtype in _GPU_DTYPES and _use_cuda():
+            import torch
+
+            try:
+                on_gpu = torch.from_numpy(np.ascontiguousarray(segmentation)).cuda()
+                return kernel.remove_all_but_largest_component_from_segmentation(
+                    on_gpu, labels_or_regions, background_label).cpu().numpy()
+            except torch.cuda.OutOfMemoryError:  # e.g. a training run holds the GPU: same result on the CPU
+                warnings.warn("nnunet_heart_ext: GPU out of memory in keep-largest postprocessing, using the CPU")
+        return kernel.remove_all_but_largest_component_from_segmentation(
+            segmentation, labels_or_regions, background_label)
+
+    remove_all_but_largest_component_from_segmentation._nnunet_heart_ext = True
+    return remove_all_but_largest_component_from_segmentation
 
 
 def _use_cuda() -> bool:
@@ -64,11 +72,20 @@ def _use_cuda() -> bool:
 
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{_DEVICE_ENV}=cuda but torch sees no CUDA device")
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return False
+    from nnunet_heart_ext.kernels import _triton
+
+    if choice == "cuda" and not _triton.AVAILABLE:
+        raise RuntimeError(f"{_DEVICE_ENV}=cuda but {_triton.REASON}")
+    return _triton.AVAILABLE
 
 
 def patch_remove_connected_components(module) -> None:
-    """Hook target for nnunetv2.postprocessing.remove_connected_components: rebind the
-    acvl_utils function it calls; every function object of nnU-Net stays as it is."""
-    module.remove_all_but_largest_component = remove_all_but_largest_component_like_acvl
+    """Hook target for nnunetv2.postprocessing.remove_connected_components: bind the replacement
+    under nnU-Net's name (determine_postprocessing and apply_postprocessing look it up there)."""
+    original = module.remove_all_but_largest_component_from_segmentation
+    if getattr(original, "_nnunet_heart_ext", False):
+        return
+    module.remove_all_but_largest_component_from_segmentation = keep_largest_like_nnunet(original)
     module._nnunet_heart_ext_patched = True

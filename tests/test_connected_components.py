@@ -86,12 +86,12 @@ def synthetic_heart(shape, rng, n_blobs=6):
 
 
 @pytest.fixture
-def nnunet_keep_largest_from_segmentation(monkeypatch):
-    """nnU-Net's function as plain nnU-Net runs it (the extension's hook, when installed,
-    rebinds the acvl_utils name it calls: put acvl_utils' function back for the reference)."""
+def nnunet_keep_largest_from_segmentation():
+    """nnU-Net's own function, as plain nnU-Net runs it (the extension's hook, when installed,
+    binds a replacement under its name; nnU-Net's function is then its __wrapped__)."""
     module = pytest.importorskip("nnunetv2.postprocessing.remove_connected_components")
-    monkeypatch.setattr(module, "remove_all_but_largest_component", acvl_keep_largest)
-    return module.remove_all_but_largest_component_from_segmentation
+    function = module.remove_all_but_largest_component_from_segmentation
+    return getattr(function, "__wrapped__", function)
 
 
 # ----------------------------------------------------------------------------- random masks
@@ -297,28 +297,157 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
             label_triton(torch.ones((2, 2, 2), dtype=torch.bool))
 
 
-def test_nnunet_hook_function_equals_acvl(monkeypatch):
-    """What nnU-Net calls once the extension is installed: acvl_utils' arguments (skimage-style
-    connectivity) and output, including inputs it hands back to acvl_utils."""
-    from nnunet_heart_ext.postprocessing import remove_all_but_largest_component_like_acvl as hooked
+# ----------------------------------------------------------------------------- CPU path: blocks
+def scattered(shape, rng, n_blobs, max_side=3, single_voxels=0):
+    """Boxes of random sizes anywhere (touching or not) and isolated single voxels."""
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(n_blobs):
+        corner = [rng.integers(0, s) for s in shape]
+        side = rng.integers(1, max_side + 1, size=3)
+        mask[tuple(slice(c, c + d) for c, d in zip(corner, side))] = True
+    for _ in range(single_voxels):
+        mask[tuple(rng.integers(0, s) for s in shape)] = True
+    return mask
 
-    rng = np.random.default_rng(6)
-    volume = rng.random((14, 15, 16)) < 0.12
-    for connectivity in (None, 1, 2, 3):
-        np.testing.assert_array_equal(hooked(volume, connectivity), acvl_keep_largest(volume, connectivity))
-    for connectivity in (None, 1, 2):
-        np.testing.assert_array_equal(hooked(volume[3], connectivity), acvl_keep_largest(volume[3], connectivity))
-    # non-boolean images: skimage's components are runs of equal value (1 next to 2 is two)
-    labels = np.zeros((6, 6, 6), dtype=np.uint8)
-    labels[1:3, 1:3, 1:3], labels[3:5, 1:3, 1:3], labels[5, 5, 5] = 1, 2, 1
-    np.testing.assert_array_equal(hooked(labels), acvl_keep_largest(labels))
+
+@pytest.mark.parametrize("shape", [(23, 29, 31), (9, 17, 40), (1, 13, 37), (5, 1, 19), (33, 8, 8), (4, 8, 16)])
+def test_keep_largest_by_blocks_equals_acvl(shape):
+    """The CPU path groups 4 x 8 x 8 blocks: sizes that are not multiples of the block (partial
+    blocks on every axis), one block, a single plane or row; every connectivity."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed + sum(shape))
+        mask = scattered(shape, rng, n_blobs=rng.integers(2, 12), single_voxels=rng.integers(0, 20))
+        for connectivity in (6, 18, 26):
+            np.testing.assert_array_equal(remove_all_but_largest_component(mask, connectivity),
+                                          acvl_keep_largest(mask, SKIMAGE_CONNECTIVITY[connectivity]))
+
+
+def test_keep_largest_when_many_small_components_outnumber_the_largest():
+    """A wide group of blocks full of isolated voxels (a large upper bound, components of one
+    voxel) visited before the compact group that holds the largest component, and a tie of
+    two such compact components far apart."""
+    mask = np.zeros((20, 40, 44), dtype=bool)
+    mask[0:12:2, 0:30:2, 0:30:2] = True  # 6 x 15 x 15 singletons at 26-connectivity
+    mask[15:18, 34:37, 38:41] = True  # 27 voxels
+    for connectivity in (6, 18, 26):
+        keep = remove_all_but_largest_component(mask, connectivity)
+        np.testing.assert_array_equal(keep, acvl_keep_largest(mask, SKIMAGE_CONNECTIVITY[connectivity]))
+        assert keep.sum() == 27
+    mask[15:18, 0:3, 38:41] = True  # a second component of 27 voxels
+    np.testing.assert_array_equal(remove_all_but_largest_component(mask), acvl_keep_largest(mask))
+    assert remove_all_but_largest_component(mask).sum() == 54
+
+
+def test_keep_largest_when_a_labelled_box_holds_part_of_another_group():
+    """A wide group of isolated voxels (visited first: the larger bound) whose bounding box holds
+    part of the largest component, which belongs to another group: that part must not be
+    judged on its own (it is smaller than the whole)."""
+    mask = np.zeros((40, 64, 64), dtype=bool)
+    ring = np.zeros((20, 64, 64), dtype=bool)
+    ring[0::2, 0::2, 0::2] = True
+    ring[:, 8:56, 8:56] = False  # blocks 1..6 along y and x stay empty: a separate group
+    mask[:20] = ring
+    mask[8:40, 16:48, 16:48] = True  # the largest component, its top part inside the ring's box
+    keep = remove_all_but_largest_component(mask)
+    np.testing.assert_array_equal(keep, acvl_keep_largest(mask))
+    assert keep.sum() == 32 ** 3
+
+
+def test_ties_between_components_filling_whole_blocks():
+    """Two components of exactly one 4 x 8 x 8 block each: the second group's upper bound equals
+    the largest size found, and must still be labelled (a tie keeps both)."""
+    mask = np.zeros((12, 24, 32), dtype=bool)
+    mask[0:4, 0:8, 0:8] = True
+    mask[8:12, 16:24, 24:32] = True
+    mask[6, 12, 16] = True
+    keep = remove_all_but_largest_component(mask)
+    np.testing.assert_array_equal(keep, acvl_keep_largest(mask))
+    assert keep.sum() == 512
+
+
+def test_noisy_prediction_equals_nnunet(monkeypatch, nnunet_keep_largest_from_segmentation):
+    """A heart with scattered one-voxel and larger false positives of every label, as a prediction
+    that postprocessing exists for: the groups of blocks that cannot hold the largest component
+    are cleared without labelling (checked to happen), with nnU-Net's result."""
+    from nnunet_heart_ext.kernels import connected_components
+
+    calls = []
+    clear_blocks = connected_components._clear_blocks
+    monkeypatch.setattr(connected_components, "_clear_blocks",
+                        lambda *args: calls.append(len(args[4])) or clear_blocks(*args))
+    rng = np.random.default_rng(12)
+    seg = np.zeros((42, 99, 101), dtype=np.uint8)
+    seg[8:32, 30:70, 28:64] = synthetic_heart((24, 40, 36), rng, n_blobs=4)
+    noise = scattered(seg.shape, rng, n_blobs=12, single_voxels=120) & (seg == 0)
+    seg[noise] = rng.integers(1, 4, size=noise.sum())
+    for dtype in (np.uint8, np.int16, np.float32):
+        for labels_or_regions in ([1, 2, 3], 1, 2, (1, 2), [(2, 3), 1]):
+            segmentation = seg.astype(dtype)
+            expected = nnunet_keep_largest_from_segmentation(segmentation, labels_or_regions)
+            result = remove_all_but_largest_component_from_segmentation(segmentation, labels_or_regions)
+            np.testing.assert_array_equal(result, expected)
+            assert result.dtype == expected.dtype and (result != segmentation).any()
+    assert calls and min(calls) > 10, calls
+
+
+def test_nnunet_function_is_replaced_under_its_own_name(monkeypatch, nnunet_keep_largest_from_segmentation):
+    """What nnU-Net calls once the extension is installed: nnU-Net's signature, defaults and
+    names (so postprocessing.pkl names nnU-Net's function), nnU-Net's output, input untouched;
+    inputs the kernel does not take go to nnU-Net's own function. (Where the project is not
+    installed with its hook, as in benchmarks/gpu_check.sh, the patch is applied here.)"""
+    import inspect
+    import pickle
+
+    from nnunet_heart_ext.postprocessing import patch_remove_connected_components
+
+    module = pytest.importorskip("nnunetv2.postprocessing.remove_connected_components")
+    original = nnunet_keep_largest_from_segmentation
+    if module.remove_all_but_largest_component_from_segmentation is original:  # no hook in this process
+        monkeypatch.setattr(module, "remove_all_but_largest_component_from_segmentation", original)
+        patch_remove_connected_components(module)
+    replaced = module.remove_all_but_largest_component_from_segmentation
+    assert getattr(replaced, "_nnunet_heart_ext", False) and replaced is not original
+    def parameters(function):
+        signature = inspect.signature(function, follow_wrapped=False)
+        return [(p.name, p.default, p.kind) for p in signature.parameters.values()]
+
+    assert parameters(replaced) == parameters(original)
+    assert (replaced.__module__, replaced.__qualname__) == (original.__module__, original.__qualname__)
+    assert pickle.loads(pickle.dumps(replaced)) is replaced
+    assert b"nnunet_heart_ext" not in pickle.dumps(replaced)
+
+    rng = np.random.default_rng(8)
+    seg = synthetic_heart((13, 22, 19), rng, n_blobs=8)
+    cases = [(seg, [1, 2, 3], 0), (seg, 2, 0), (seg.astype(np.float32), (1, 3), 5), (seg[6], [1, 2], 0),
+             (np.asfortranarray(seg), [1], 0), (seg.astype(np.int16)[:, ::2], [0, 1], 9),
+             (seg[None], 1, 0), (seg.astype(np.uint64), [1, 2], 0)]
+    for segmentation, labels_or_regions, background in cases:
+        before = segmentation.copy()
+        result = replaced(segmentation, labels_or_regions, background)
+        np.testing.assert_array_equal(segmentation, before)
+        expected = original(segmentation, labels_or_regions, background)
+        assert result.dtype == expected.dtype and result.shape == expected.shape
+        np.testing.assert_array_equal(result, expected)
+    tie = np.zeros((6, 7, 8), dtype=np.uint8)
+    tie[0:2, 0:2, 0:2] = 1
+    tie[4:6, 5:7, 6:8] = 2
+    tie[3, 3, 3] = 1
+    np.testing.assert_array_equal(replaced(tie, [1, 2]), original(tie, [1, 2]))
+    assert replaced(tie, [1, 2]).astype(bool).sum() == 16
+
+
+def test_device_choice_errors_are_clear(monkeypatch):
+    from nnunet_heart_ext.postprocessing import _use_cuda
+
     monkeypatch.setenv("NNUNET_HEART_EXT_CC_DEVICE", "gpu")
     with pytest.raises(ValueError, match="use auto, cpu or cuda"):
-        hooked(volume)
+        _use_cuda()
+    monkeypatch.setenv("NNUNET_HEART_EXT_CC_DEVICE", "cpu")
+    assert _use_cuda() is False
     if not torch.cuda.is_available():
         monkeypatch.setenv("NNUNET_HEART_EXT_CC_DEVICE", "cuda")
         with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
-            hooked(volume)
+            _use_cuda()
 
 
 # ----------------------------------------------------------------------------- compiled GPU path
@@ -326,7 +455,7 @@ COMPILE_FOR_HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nnunet_heart_ext.kernels import connected_components as cc
+from nnunet_heart_ext.kernels import connected_components_triton as cc
 flat = {"mask_ptr": "*u8", "parent_ptr": "*i32", "labels_ptr": "*i32", "numel": "i32", "BLOCK": "constexpr"}
 kernels = [(cc._merge_kernel, {"mask_ptr": "*u8", "parent_ptr": "*i32", "numel": "i32", "H": "i32", "W": "i32",
                                "CONNECTIVITY": "constexpr", "BLOCK": "constexpr"},

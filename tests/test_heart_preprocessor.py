@@ -22,7 +22,7 @@ from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_heart_ext.kernels.resample import resample_data_or_seg_to_shape_numba
+from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
 from nnunet_heart_ext.preprocessing import HeartPreprocessor, crop_to_nonzero_fast
 
 LABELS = {"background": 0, "myocardium": 1, "aortic_valve": 2, "calcification": 3}

@@ -3,8 +3,8 @@ nnU-Net gives: the same postprocessing.pkl (byte for byte), postprocessing.json 
 the postprocessing search (nnU-Net's `determine_postprocessing`, what
 `nnUNetv2_find_best_configuration` runs), and the same files from the
 `nnUNetv2_apply_postprocessing` command. Plain nnU-Net is the same run with
-NNUNET_HEART_EXT_DISABLE=1; both modes run side by side. The pickle loads with the extension
-(no GPU here) and without it.
+NNUNET_HEART_EXT_DISABLE=1; both modes run side by side. A pickle written with the extension
+loads and applies without it, and the other way round.
 """
 import json
 import os
@@ -181,35 +181,40 @@ def test_apply_postprocessing_writes_the_same_files(case_folders, determined):
     assert any(changed)
 
 
-# Load the pickle, apply it to a segmentation with stray voxels of every label, print what ran
-# and a digest of the result. In "plain" mode nnunet_heart_ext cannot even be imported, as
-# where the extension is not installed.
+# Load each pickle given, apply it to a segmentation with stray voxels of every label, print the
+# file of the code that ran and a digest of the result. In "plain" mode nnunet_heart_ext cannot
+# even be imported, as where the extension is not installed.
 LOAD_AND_APPLY = """
 import hashlib, os, pickle, sys
 if os.environ["NNUNET_HEART_EXT_DISABLE"] == "1":
     sys.modules["nnunet_heart_ext"] = None
 import numpy as np
-fns, kwargs = pickle.load(open(sys.argv[1], "rb"))
-seg = np.zeros((6, 7, 8), dtype=np.uint8)
-seg[0:2, 0:2, 0:3] = 1
-seg[0:2, 4:6, 0:2] = 2
-seg[3:6, 4:6, 6:8] = 3
-seg[5, 0, 0], seg[5, 2, 3], seg[3, 6, 0] = 1, 2, 3
-for fn, kw in zip(fns, kwargs):
-    assert fn.__module__ == "nnunetv2.postprocessing.remove_connected_components", fn.__module__
-    seg = fn(seg, **kw)
-print(fns[0].__globals__["remove_all_but_largest_component"].__module__, hashlib.sha1(seg.tobytes()).hexdigest())
+for path in sys.argv[1:]:
+    fns, kwargs = pickle.load(open(path, "rb"))
+    seg = np.zeros((6, 7, 8), dtype=np.uint8)
+    seg[0:2, 0:2, 0:3] = 1
+    seg[0:2, 4:6, 0:2] = 2
+    seg[3:6, 4:6, 6:8] = 3
+    seg[5, 0, 0], seg[5, 2, 3], seg[3, 6, 0] = 1, 2, 3
+    for fn, kw in zip(fns, kwargs):
+        assert fn.__module__ == "nnunetv2.postprocessing.remove_connected_components", fn.__module__
+        seg = fn(seg, **kw)
+    print(fns[0].__code__.co_filename, hashlib.sha1(seg.tobytes()).hexdigest())
 """
 
 
-def test_pickle_loads_with_and_without_the_extension(determined):
-    pkl = determined["plain"] / "postprocessing.pkl"
-    outputs = run_both_modes(lambda mode: [sys.executable, "-c", LOAD_AND_APPLY, pkl])
-    ran_with, digest_with = outputs["extension"].split()[-2:]
-    ran_without, digest_without = outputs["plain"].split()[-2:]
-    assert ran_with == "nnunet_heart_ext.postprocessing"  # installed, no GPU here
-    assert ran_without == "acvl_utils.morphology.morphology_helper"  # nnU-Net's own code
-    assert digest_with == digest_without
+def test_pickles_load_with_and_without_the_extension(determined):
+    """postprocessing.pkl written with the extension installed loads and applies where it is not,
+    and the one written by plain nnU-Net loads and applies with the extension: the same result,
+    nnU-Net's code without the extension, the extension's replacement with it."""
+    pickles = [determined["extension"] / "postprocessing.pkl", determined["plain"] / "postprocessing.pkl"]
+    outputs = run_both_modes(lambda mode: [sys.executable, "-c", LOAD_AND_APPLY, *pickles])
+    results = {mode: [line.split() for line in out.strip().splitlines()[-2:]] for mode, out in outputs.items()}
+    for mode, ran in (("extension", "nnunet_heart_ext/postprocessing.py"),
+                      ("plain", "nnunetv2/postprocessing/remove_connected_components.py")):
+        assert [Path(code).as_posix().endswith(ran) for code, _ in results[mode]] == [True, True], results[mode]
+    digests = {digest for lines in results.values() for _, digest in lines}
+    assert len(digests) == 1, results
 
 
 def test_spawned_workers_are_hooked():
@@ -217,6 +222,6 @@ def test_spawned_workers_are_hooked():
     import multiprocessing
 
     expression = ("__import__('nnunetv2.postprocessing.remove_connected_components', fromlist=['_'])"
-                  ".remove_all_but_largest_component.__module__")
+                  ".remove_all_but_largest_component_from_segmentation.__code__.co_filename")
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert pool.apply(eval, (expression,)) == "nnunet_heart_ext.postprocessing"
+        assert pool.apply(eval, (expression,)).endswith("nnunet_heart_ext/postprocessing.py")

@@ -93,8 +93,102 @@ def test_user_trainers_through_nnUNet_extTrainer_keep_working(tmp_path, monkeypa
     assert out.stdout.strip().splitlines()[-1] == "MyHeartTrainer HeartTrainer"
 
 
-def test_registry_skips_only_modules_that_do_not_exist(monkeypatch):
-    monkeypatch.setattr(registry, "EXTENSION_MODULES", ("nnunet_heart_ext.not_written_yet",
-                                                        "nnunet_heart_ext.planners"))
-    assert registry.find_extension_object("HeartDemoPlanner").__name__ == "HeartDemoPlanner"
-    assert registry.find_extension_object("Nothing") is None
+def _nnunet_lookups():
+    """package -> nnU-Net's own lookup for a name in it (what -tr, -pl and the plans use)."""
+    from nnunetv2.preprocessing.resampling.utils import recursive_find_resampling_fn_by_name
+
+    def in_folder(*parts):
+        folder = os.path.join(nnunetv2.__path__[0], *parts)
+        return lambda name: recursive_find_python_class(folder, name, ".".join(("nnunetv2",) + parts))
+
+    return {registry.TRAINERS: recursive_find_trainer_class_by_name,
+            registry.PLANNERS: in_folder("experiment_planning"),
+            registry.PREPROCESSORS: in_folder("preprocessing"),
+            registry.NORMALIZATION: in_folder("preprocessing", "normalization"),  # as DefaultPreprocessor._normalize
+            registry.RESAMPLING: recursive_find_resampling_fn_by_name}
+
+
+def test_every_registered_name_is_found_by_nnunets_own_lookup():
+    lookups = _nnunet_lookups()
+    names = registry.names()
+    assert {"HeartTrainer", "HeartTrainer_demo", "HeartTrainer_nnUNetLoss_250epochs", "HeartTrainer_nnUNetDA",
+            "HeartTrainer_nnUNetDA_demo", "HeartTrainer_tversky", "HeartTrainer_tversky_250epochs", "HeartPlanner",
+            "HeartDemoPlanner", "HeartPreprocessor", "HeartCTNormalization",
+            "resample_data_or_seg_to_shape_numba"} <= set(names)
+    for name, package in names.items():
+        found = lookups[package](name)
+        assert found.__name__ == name and found.__module__.startswith("nnunet_heart_ext."), name
+    # a search of a package above also finds it, as nnU-Net's recursive search would
+    assert lookups[registry.PREPROCESSORS]("resample_data_or_seg_to_shape_numba").__name__ == \
+        "resample_data_or_seg_to_shape_numba"
+
+
+# Names the extension's modules hold without offering them to nnU-Net (imported functions and
+# modules, module-level helpers), and offered names asked for as another kind of object. The
+# registry that did getattr over whole modules answered most of them.
+NOT_OFFERED = {
+    registry.TRAINERS: ["FusedDiceCELoss", "heart_trainer", "_schedules", "resample_data_or_seg_to_shape_numba",
+                        "HeartTrainer_", "HeartPlanner"],
+    registry.PLANNERS: ["resample_data_or_seg_to_shape_numba", "HeartTrainer", "HeartPreprocessor"],
+    registry.PREPROCESSORS: ["crop_to_nonzero_fast", "njit", "_coordinates_grouped_by_label", "HeartPlanner"],
+    registry.RESAMPLING: ["njit", "prange", "numba", "_resample_axis", "HeartPreprocessor"],
+}
+
+
+def test_names_the_extension_does_not_offer_are_not_found():
+    import nnunet_heart_ext.preprocessing  # noqa: F401  the modules are loaded: only the table decides
+    import nnunet_heart_ext.kernels.resample  # noqa: F401
+    import nnunet_heart_ext.planners  # noqa: F401
+
+    lookups = _nnunet_lookups()
+    for package, names in NOT_OFFERED.items():
+        folder = os.path.join(nnunetv2.__path__[0], *package.split(".")[1:])
+        for name in names:
+            assert recursive_find_python_class.__wrapped__(folder, name, package) is None, f"nnU-Net has {name}"
+            assert registry.find_extension_object(name, package) is None, name
+            if package in (registry.TRAINERS, registry.RESAMPLING):  # these raise nnU-Net's "not found"
+                with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer|Unable to find"):
+                    lookups[package](name)
+            else:
+                assert lookups[package](name) is None, name
+    assert registry.find_extension_object("HeartTrainer", None) is None  # nnUNet_extTrainer folders
+
+
+@pytest.mark.slow
+def test_train_command_does_not_find_an_imported_function(tmp_path):
+    """`nnUNetv2_train -tr <a function planners.py imports>` ends in nnU-Net's own "not
+    found", before it reads any dataset."""
+    env = {**os.environ, **{k: str(tmp_path) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), "100", "3d_fullres",
+                          "0", "-tr", "resample_data_or_seg_to_shape_numba", "-device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    not_found = "Could not find requested nnunet trainer resample_data_or_seg_to_shape_numba"
+    assert out.returncode != 0 and not_found in out.stderr, out.stderr[-2000:]
+
+
+def test_plans_written_before_the_kernels_lost_their_adapters_still_load():
+    """HeartPlans written while resample_data_or_seg_to_shape_numba lived in the kernel module
+    store only names: nnU-Net's plans manager resolves each to the extension's object."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_heart_ext.planners import HeartPlanner
+    from nnunet_heart_ext.preprocessing import HeartPreprocessor
+    from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
+
+    kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    configuration = {
+        "data_identifier": "HeartPlans_3d_fullres", "preprocessor_name": "HeartPreprocessor",
+        "resampling_fn_data": "resample_data_or_seg_to_shape_numba", "resampling_fn_data_kwargs": kwargs,
+        "resampling_fn_seg": "resample_data_or_seg_to_shape_numba",
+        "resampling_fn_seg_kwargs": dict(kwargs, is_seg=True, order=1),
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape_numba",
+        "resampling_fn_probabilities_kwargs": dict(kwargs, order=1),
+        "architecture": {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}}
+    plans = PlansManager({"dataset_name": "Dataset100_Heart", "plans_name": "HeartPlans",
+                          "experiment_planner_used": "HeartPlanner", "configurations": {"3d_fullres": configuration}})
+    manager = plans.get_configuration("3d_fullres")
+    assert manager.preprocessor_class is HeartPreprocessor
+    assert plans.experiment_planner_class is HeartPlanner
+    for fn in (manager.resampling_fn_data, manager.resampling_fn_seg, manager.resampling_fn_probabilities):
+        assert fn.func is resample_data_or_seg_to_shape_numba
+    assert manager.resampling_fn_seg.keywords["is_seg"] is True

@@ -1,4 +1,5 @@
-"""resample_data_or_seg_to_shape_numba against nnunetv2's own resample_data_or_seg_to_shape.
+"""resample_data_or_seg_to_shape_numba (nnunet_heart_ext.resampling, over the Numba kernel in
+nnunet_heart_ext.kernels.resample) against nnunetv2's own resample_data_or_seg_to_shape.
 
 Tolerances (issue 5): images and probabilities max |difference| <= 1e-4 x (max - min) of the
 input; segmentations identical voxel for voxel. Integer-typed images: both sides truncate a
@@ -17,7 +18,7 @@ import pytest
 import torch
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
-from nnunet_heart_ext.kernels.resample import resample_data_or_seg_to_shape_numba
+from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
 
 ISO = (1.0, 1.0, 1.0)
 
@@ -156,12 +157,56 @@ def test_unsupported_orders_fall_back_to_nnunet():
     np.testing.assert_array_equal(ours, resample_data_or_seg_to_shape(data, (7, 6, 5), ISO, ISO, order=2))
 
 
+def test_adapter_has_nnunets_signature_and_defaults():
+    """A drop-in: the parameters of nnU-Net's function, in its order, with its defaults
+    (force_separate_z=False, not None)."""
+    import inspect
+
+    def parameters(fn):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+    assert parameters(resample_data_or_seg_to_shape_numba) == parameters(resample_data_or_seg_to_shape)
+
+
+@pytest.mark.parametrize("is_seg,order", [(False, 3), (False, 1), (True, 1)])
+def test_defaults_match_nnunet_on_anisotropic_data(is_seg, order):
+    """Called with nnU-Net's defaults only: on anisotropic spacing nnU-Net does not resample the
+    low-resolution axis separately (force_separate_z=False), and neither does the adapter."""
+    shape, new_shape, spacing, new_spacing = (1, 5, 12, 11), (11, 15, 9), (4.0, 1.0, 1.0), (1.8, 0.8, 1.2)
+    rng = np.random.default_rng(order)
+    data = label_blobs(shape, 5).astype(np.float32) if is_seg else rng.normal(0, 3, size=shape).astype(np.float32)
+    ours = resample_data_or_seg_to_shape_numba(data, new_shape, spacing, new_spacing, is_seg=is_seg, order=order)
+    ref = resample_data_or_seg_to_shape(data, new_shape, spacing, new_spacing, is_seg=is_seg, order=order)
+    if is_seg:
+        np.testing.assert_array_equal(ours, ref)
+    else:
+        ref_float = resample_data_or_seg_to_shape(data.astype(np.float64), new_shape, spacing, new_spacing,
+                                                  is_seg=is_seg, order=order)
+        assert_close_to_reference(ours, ref_float, ref, data)
+    separate = resample_data_or_seg_to_shape(data, new_shape, spacing, new_spacing, is_seg=is_seg, order=order,
+                                             force_separate_z=None)
+    assert not np.array_equal(separate, ref)  # the case tells the two rules apart
+
+
+def test_kernel_refuses_what_it_does_not_compute():
+    from nnunet_heart_ext.kernels.resample import resample, supports
+
+    data = np.zeros((1, 4, 5, 6), np.float32)
+    assert supports(False, 3, 0) and supports(True, 1, 1) and not supports(True, 3, 0) and not supports(False, 2, 0)
+    with pytest.raises(ValueError, match="order 2"):
+        resample(data, (5, 6, 7), order=2)
+    with pytest.raises(ValueError, match="separate_axis"):
+        resample(data, (5, 6, 7), separate_axis=3)
+    with pytest.raises(ValueError, match=r"\(C, Z, Y, X\)"):
+        resample(data[0], (5, 6, 7))
+
+
 _WORKER_CALLS = """
 import numpy as np
-from nnunet_heart_ext.kernels import resample as r
+from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba as f
 x = np.random.default_rng(0).normal(size=(1, 6, 7, 8)).astype(np.float32)
-r.resample_data_or_seg_to_shape_numba(x, (8, 9, 7), [1, 1, 1], [1, 1, 1], False, 3)
-r.resample_data_or_seg_to_shape_numba(np.round(x), (8, 9, 7), [1, 1, 1], [1, 1, 1], True, 1)
+f(x, (8, 9, 7), [1, 1, 1], [1, 1, 1], False, 3)
+f(np.round(x), (8, 9, 7), [1, 1, 1], [1, 1, 1], True, 1)
 """
 
 
