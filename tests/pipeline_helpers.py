@@ -67,7 +67,7 @@ def tiny_phantom(root: Path, n_train: int = 5, n_test: int = 2, seed: int = 0) -
 
 def user_env(root: Path) -> dict:
     """The shell of a user who activated this environment: the test trainers in nnUNet_extTrainer,
-    none of nnU-Net's folders or process counts set, no Triton interpreter (conftest sets it for the
+    none of nnU-Net's folders set, one process per pool, no Triton interpreter (conftest sets it for the
     kernel tests; it would run the training loss in Triton's interpreter)."""
     trainers = root / "ext_trainers"
     trainers.mkdir(exist_ok=True)
@@ -77,6 +77,9 @@ def user_env(root: Path) -> dict:
                         "nnUNet_def_n_proc", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["nnUNet_extTrainer"] = str(trainers)
+    # one worker per nnU-Net pool: on tiny cases, starting a second worker (importing torch) costs
+    # more than it saves (the pipeline's own CPU default, 2, is checked by the dry-run test)
+    env["nnUNet_def_n_proc"] = "1"
     return env
 
 

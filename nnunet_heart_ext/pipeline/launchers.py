@@ -44,9 +44,16 @@ class Terminal:
     """Notes for the user; on a terminal also one status line, redrawn in place."""
 
     def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._stream = stream
         self.shown = False
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout  # looked up each time: tests (and callers) may replace sys.stdout
+
+    @property
+    def tty(self) -> bool:
+        return hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def clear(self):
         if self.shown:
@@ -165,6 +172,39 @@ def _signal_all(pids: List[int], sig: int):
             pass
 
 
+# ----------------------------------------------------------------------------- dry run
+def print_commands(steps: List[Step], o: Options, slots: List[str], indent: str = "") -> None:
+    """The official commands of the wanted steps, in the order they would run from the current
+    state (a done step is named, not run; once one step runs, later ones are checked again then)."""
+    earlier_runs = False
+    for step in steps:
+        if not o.wanted(step.name):
+            continue
+        forced = o.forced(step.name)
+        try:
+            c = step.check() if not forced else None
+        except PipelineError as e:
+            c = None
+            print(f"{indent}# {step.name}: {e}")
+        if c is not None and c.done:
+            print(f"{indent}# {step.name}: " + (f"done ({c.reason})" if not earlier_runs else
+                                                "done now; checked again once the steps above ran"))
+            continue
+        print(f"{indent}# {step.name}: " + ("forced" if forced else c.reason if c else "to do"))
+        earlier_runs = True
+        for wave in step.waves(forced, assume=True):
+            if wave.comment:
+                print(indent + wave.comment)
+            jobs = [i for i in wave.items if isinstance(i, Job)]
+            if len(jobs) > 1 and jobs[0].slot:
+                print(f"{indent}# side by side, one per slot ({' '.join(slots)}):")
+            for item in wave.items:
+                if isinstance(item, Action):
+                    print(f"{indent}#   (in this process) {item.description}")
+                else:
+                    print(indent + item.command)
+
+
 # ----------------------------------------------------------------------------- local launcher
 def resolve_slots(o: Options, strict: bool = True) -> List[str]:
     """CPU slots cpu0..N-1, or GPU ids (from --gpus, else CUDA_VISIBLE_DEVICES, else every GPU
@@ -263,35 +303,7 @@ class LocalLauncher:
               f"nnUNet_preprocessed={o.preprocessed} nnUNet_results={o.results}")
         print(f"# these commands run with nnUNet_raw, nnUNet_preprocessed, nnUNet_results set as above"
               + ("; nnUNet_n_proc_DA and nnUNet_def_n_proc default to 1 and 2" if o.device == "cpu" else ""))
-        earlier_runs = False
-        for step in steps:
-            if not o.wanted(step.name):
-                continue
-            forced = o.forced(step.name)
-            try:
-                c = step.check() if not forced else None
-            except PipelineError as e:
-                c = None
-                print(f"# {step.name}: {e}")
-            if c is not None and c.done and not earlier_runs:
-                print(f"# {step.name}: done ({c.reason})")
-                continue
-            if c is not None and c.done:
-                print(f"# {step.name}: done now; checked again once the steps above ran")
-                continue
-            print(f"# {step.name}: " + ("forced" if forced else c.reason if c else "to do"))
-            earlier_runs = True
-            for wave in step.waves(forced, assume=True):
-                if wave.comment:
-                    print(wave.comment)
-                jobs = [i for i in wave.items if isinstance(i, Job)]
-                if len(jobs) > 1 and jobs[0].slot:
-                    print(f"# side by side, one per slot ({' '.join(self.slots)}):")
-                for item in wave.items:
-                    if isinstance(item, Action):
-                        print(f"#   (in this process) {item.description}")
-                    else:
-                        print(item.command)
+        print_commands(steps, o, self.slots)
         return 0
 
     # ------------------------------------------------------------------ jobs
@@ -507,8 +519,8 @@ class SlurmLauncher:
         if dry:
             print(shlex.join(argv + [f"<{unit.name} script>"]))
             for i, c in enumerate(commands):
-                print(f"#   {'task ' + str(i) + ': ' if unit.array else ''}{shlex.join(c)}")
-            return f"<{unit.name}>", [f"<{unit.name}>"]
+                print(f"#   job{' task ' + str(i) if unit.array else ''}: {shlex.join(c)}")
+            return f"<{unit.name}>", [f"<{unit.name}>" + (f"_{i}" if unit.array else "") for i in range(len(commands))]
         logs.mkdir(parents=True, exist_ok=True)
         script = self._script(unit, commands, stamp)
         argv.append(str(script))
@@ -653,10 +665,11 @@ class SlurmLauncher:
         return 0
 
     def dry_run(self, steps: List[Step]) -> int:
-        print(f"# dry run (slurm): the sbatch commands in order, each job's command below it; nothing is submitted. "
-              f"work: {self.o.work}")
+        print(f"# dry run (slurm): the sbatch commands in order, each with the pipeline command its job runs; "
+              f"nothing is submitted. work: {self.o.work}")
         self.submit({s.name: s for s in steps}, dry=True)
-        print("# each job runs those steps' official commands (see --dry-run --launcher local)")
+        print("# the official commands those jobs run, in order (each job on one GPU, or one CPU slot):")
+        print_commands(steps, self.o, self.ctx.slots, indent="#   ")
         return 0
 
     def live_jobs_by_step(self) -> Dict[str, List[str]]:
