@@ -122,6 +122,22 @@ def nonfinite_problem(array: np.ndarray) -> Optional[str]:
     finite = np.isfinite(array)
     if finite.all():
         return None
+    return _nonfinite_message(array, finite)
+
+
+def stored_nonfinite_problem(path: Path, image: sitk.Image) -> Optional[str]:
+    """nonfinite_problem of the values stored in a floating-point NIfTI file. SimpleITK's NIfTI
+    reader (2.5, ITK 5.4) turns NaN and infinite voxels into 0, so neither the array it returns nor
+    nnU-Net's own check (which reads through it) can see them: the file is read again with nibabel,
+    only for floating-point images (integer voxels cannot be NaN)."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64) or not str(path).endswith((".nii", ".nii.gz")):
+        return nonfinite_problem(sitk.GetArrayViewFromImage(image))
+    import nibabel
+
+    return nonfinite_problem(np.asanyarray(nibabel.load(str(path)).dataobj))
+
+
+def _nonfinite_message(array: np.ndarray, finite: np.ndarray) -> str:
     n_nan = int(np.isnan(array).sum())
     n_inf = int(array.size - finite.sum()) - n_nan
     what = " and ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} infinite" if n_inf else "") if s)

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from nnunet_heart_ext import dataset as ds
 from nnunet_heart_ext.io import (DatasetError, copy_file, geometry_mismatches, geometry_of, label_values_problem,
-                                 link_file, nonfinite_problem, read_image, up_to_date, volume_problem, write_text)
+                                 link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem, write_text)
 
 DATASET_NAME = ds.NNUNET_DATASET_NAME
 MARKER = ".nnunet-heart-prepare.json"  # in the dataset folder: the files prepare wrote there
@@ -158,7 +158,7 @@ def check_case(image_path: Path, label_path: Optional[Path]) -> List[str]:
     except ValueError as e:
         image, problems = None, [f"{image_path}: {e}"]
     else:
-        problem = volume_problem(geometry_of(image)) or nonfinite_problem(sitk.GetArrayViewFromImage(image))
+        problem = volume_problem(geometry_of(image)) or stored_nonfinite_problem(image_path, image)
         problems = [f"{image_path}: {problem}"] if problem else []
     if label_path is None:
         return problems
@@ -172,7 +172,7 @@ def check_case(image_path: Path, label_path: Optional[Path]) -> List[str]:
     if image is not None and volume_problem(geometry_of(image)) is None:
         for mismatch in geometry_mismatches(geometry_of(image), geometry_of(label)):
             problems.append(f"{label_path}: {mismatch} of its image {image_path.name}")
-    problem = label_values_problem(sitk.GetArrayViewFromImage(label))
+    problem = stored_nonfinite_problem(label_path, label) or label_values_problem(sitk.GetArrayViewFromImage(label))
     if problem:
         problems.append(f"{label_path}: {problem}")
     return problems
