@@ -492,3 +492,76 @@ def test_log_writer_keeps_one_line_per_progress_bar(tmp_path):
     w.feed(b"\rbar 2")
     w.close()
     assert (tmp_path / "y.log").read_text().splitlines() == ["bar 1", "bar 2"]
+
+
+STOP_SCRIPT = '''
+import signal, sys
+from pathlib import Path
+from nnunet_heart_ext.pipeline import _terminate
+from nnunet_heart_ext.pipeline.launchers import LocalLauncher
+from nnunet_heart_ext.pipeline.options import parse
+from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
+
+work = Path(sys.argv[1])
+o = parse(["--src", str(work), "--work", str(work), "--device", "cpu", "--parallel", "2"])
+o.logs.mkdir(parents=True, exist_ok=True)
+signal.signal(signal.SIGTERM, _terminate)
+code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); " \\
+       "print('up', flush=True); time.sleep(300)"
+jobs = [Job(f"job{i}", [sys.executable, "-c", code], o.logs / f"job{i}.log", slot=True) for i in range(3)]
+try:
+    LocalLauncher(Context(o)).run_wave(Wave(jobs))
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+    sys.exit(130)
+'''
+
+
+def test_terminated_pipeline_stops_its_jobs_and_their_children(tmp_path):
+    """`kill PID` of the pipeline (SIGTERM to it alone, not its process group): the running jobs
+    and the processes they started end too, and the queued job never starts."""
+    from nnunet_heart_ext.pipeline.launchers import process_tree
+
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "w")], stdout=subprocess.PIPE, text=True,
+                         env=_env(), start_new_session=True)
+    try:
+        logs = [tmp_path / "w" / "logs" / f"job{i}.log" for i in range(2)]
+        deadline = time.time() + 60
+        while not all(log.is_file() and "\nup\n" in log.read_text() for log in logs):
+            assert time.time() < deadline and p.poll() is None
+            time.sleep(0.1)
+        tree = process_tree(p.pid)
+        assert len(tree) == 5  # the pipeline, two jobs, a child each
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 130 and "stopped" in p.stdout.read()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    time.sleep(0.5)
+    assert not [pid for pid in tree if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert not (tmp_path / "w" / "logs" / "job2.log").exists()
+    records = [json.loads(line) for line in (tmp_path / "w" / "logs" / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(r["job"] for r in records) == ["job0", "job1"] and all(r["rc"] != 0 for r in records)
+
+
+def test_status_line_redraws_only_on_a_terminal():
+    import io
+
+    from nnunet_heart_ext.pipeline.launchers import Terminal
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, plain = Tty(), io.StringIO()
+    for stream in (tty, plain):
+        t = Terminal(stream)
+        t.status("train_3d_fullres_fold0 12s: Epoch 3")
+        t.status("train_3d_fullres_fold0 13s: Epoch 4")
+        t.note("train_3d_fullres_fold0 finished")
+    assert plain.getvalue().count("\n") == 1 and "Epoch" not in plain.getvalue()
+    assert tty.getvalue().count("\r\033[K") == 3 and tty.getvalue().endswith("finished\n")

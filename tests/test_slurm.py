@@ -152,6 +152,9 @@ def test_killed_follower_and_cut_fold_resume_without_double_submission(demo, clu
     third = _run(setup, args)  # everything left is queued or running now: nothing is submitted again
     assert len(_records(work)) == len(first) + 2, second.stdout
     assert "submitted job" not in third.stdout and "not submitted again" in third.stdout
+    status = _run(setup, args + ["--status"]).stdout  # the queued and running jobs, beside each step
+    fold1_job = _records(work)[-2]["job"]
+    assert any(line.startswith("train ") and f"[slurm: {fold1_job} " in line for line in status.splitlines()), status
     _run(setup, args + ["--wait"])  # follows the queued jobs to their end
 
     records = _records(work)

@@ -98,6 +98,8 @@ class LogWriter:
         return parts[-1] if parts else b""
 
     def feed(self, data: bytes):
+        if self.file.closed:  # a worker process outlived its job and still writes: nothing to keep
+            return
         lines = (self.pending + data).split(b"\n")
         self.pending = lines.pop()
         for line in lines:
@@ -117,6 +119,8 @@ class LogWriter:
             self.last_line = line.decode(errors="replace").strip()
 
     def close(self):
+        if self.file.closed:
+            return
         if self.pending:
             self._write(self._visible(self.pending))
             self.pending = b""
@@ -351,7 +355,7 @@ class LocalLauncher:
                 r.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_all(trees[name], signal.SIGKILL)
+            _signal_all([p for p in trees[name] if os.path.exists(f"/proc/{p}")], signal.SIGKILL)
             r.proc.wait()
             r.finish(self.o.logs, r.proc.returncode)
         running.clear()
@@ -627,8 +631,11 @@ class SlurmLauncher:
                     note(f"  cancelled the jobs that depend on it: {', '.join(later)}")
                 others = [j for j in pending if j not in later]
                 TERMINAL.clear()
-                shown = [r] if reason != "DependencyNeverSatisfied" else \
-                    [x for x in self.records() if x["job"] in r.get("after", [])] or [r]
+                shown = [r]
+                if reason == "DependencyNeverSatisfied":  # the failure was upstream: show those jobs' logs
+                    after = set(r.get("after", []))
+                    upstream = [x for x in self.records() if x["job"] in after or x["job"].split("_")[0] in after]
+                    shown = [x for x in upstream if self.ended(x["job"])[0].split()[0] in FAILED_STATES] or upstream or [r]
                 for x in shown:
                     print(f"---- last lines of {x['log']} ----\n{log_tail(Path(x['log']))}", file=sys.stderr)
                 why = f" ({reason})" if reason and reason != "None" else ""

@@ -299,7 +299,7 @@ class Plan(Step):
                                 f"{self.o.preprocessed}, only {free / gb:.1f} GiB are free (free space, or set "
                                 f"nnUNet_preprocessed elsewhere; --skip-disk-check to try anyway)")
         print(f"  disk: preprocessing needs about {need / gb:.2f} GiB, {free / gb:.1f} GiB free in "
-              f"{self.o.preprocessed}", flush=True)
+              f"{self.o.preprocessed}", flush=True)  # noqa: T201
 
     def write_splits(self) -> None:
         """nnU-Net's default split, as nnUNetTrainer.do_split makes it (generate_crossval_split of the
@@ -325,7 +325,7 @@ class Plan(Step):
             yield Wave([Job("plan", ["nnUNetv2_plan_and_preprocess", "-d", str(ds.DATASET_ID), "-pl", self.o.planner,
                                      "-c", *self.o.configs, *np_args, "--verify_dataset_integrity"],
                             self.ctx.log("plan"))])
-        if forced or not (self.ctx.pre / ds.SPLITS_JSON).is_file():
+        if not (self.ctx.pre / ds.SPLITS_JSON).is_file():  # a split of the user's own is kept, even when forced
             yield Wave([Action("splits", f"write {self.ctx.pre / ds.SPLITS_JSON} (nnU-Net's generate_crossval_split, "
                                          f"seed 12345, 5 folds, as nnUNetv2_train would)", self.write_splits)])
 
