@@ -31,7 +31,8 @@ import SimpleITK as sitk
 
 from nnunet_heart_ext import dataset as ds
 from nnunet_heart_ext.io import (DatasetError, copy_file, geometry_mismatches, geometry_of, label_values_problem,
-                                 link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem, write_text)
+                                 link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem,
+                                 write_text)
 
 DATASET_NAME = ds.NNUNET_DATASET_NAME
 MARKER = ".nnunet-heart-prepare.json"  # in the dataset folder: the files prepare wrote there

@@ -111,7 +111,8 @@ class SlurmCluster:
         """The jobcomp file's records (one per finished job), as dicts."""
         if not self.jobcomp.is_file():
             return []
-        return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in self.jobcomp.read_text().splitlines()]
+        return [dict(f.split("=", 1) for f in line.split() if "=" in f)
+                for line in self.jobcomp.read_text().splitlines()]
 
     def cancel_all(self, seconds: float = 60):
         self._run("scancel", "--user", pwd.getpwuid(os.getuid()).pw_name, check=False)

@@ -77,7 +77,8 @@ def _prepared_copy(demo_work: Path, work: Path) -> None:
 def demo(setup):
     work = setup["root"] / "demo"
     args = ["bash", str(SCRIPT), "--demo", "--src", str(setup["src"]), "--trainer", "PipelineTestTrainer",
-            "--work", str(work), "--parallel", "1", "--launcher", "slurm", "--slurm-args", "--time=90 --comment=heart-ci"]
+            "--work", str(work), "--parallel", "1", "--launcher", "slurm",
+            "--slurm-args", "--time=90 --comment=heart-ci"]
     started = time.time()
     p = _run(setup, args + ["--wait"])
     return dict(work=work, out=p.stdout, err=p.stderr, seconds=time.time() - started, args=args)
@@ -103,7 +104,8 @@ def test_demo_steps_as_slurm_jobs_reach_a_valid_predict_zip(demo, cluster, setup
         assert f"job {r['job']} ({r['key']}) ended: COMPLETED" in out
         assert Path(r["log"]).is_file() and Path(r["log"]).is_relative_to(work / "logs" / "slurm")
     # every job ran the official commands and logged them first
-    assert "$ nnUNetv2_train 100 3d_fullres 1 -tr PipelineTestTrainer" in Path(by_key["train:3d_fullres:1"]["log"]).read_text()
+    fold1_log = Path(by_key["train:3d_fullres:1"]["log"]).read_text()
+    assert "$ nnUNetv2_train 100 3d_fullres 1 -tr PipelineTestTrainer" in fold1_log
     assert "$ nnUNetv2_find_best_configuration 100" in Path(by_key["best"]["log"]).read_text()
     # --slurm-args reached sbatch: the time limit Slurm recorded for every job
     finished = {j["JobId"]: j for j in cluster.finished()}

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 from nnunet_heart_ext.pipeline import report
 from nnunet_heart_ext.pipeline.options import Options, PipelineError, command_line
-from nnunet_heart_ext.pipeline.steps import Action, Context, Job, NotReady, Step, Train, Validate, Wave
+from nnunet_heart_ext.pipeline.steps import Action, Context, Job, Step, Train, Validate, Wave
 
 OFFICIAL_COMMANDS = ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_find_best_configuration",
                      "nnUNetv2_predict", "nnUNetv2_ensemble", "nnUNetv2_apply_postprocessing", "nnunet-heart")
@@ -635,7 +635,8 @@ class SlurmLauncher:
                 if reason == "DependencyNeverSatisfied":  # the failure was upstream: show those jobs' logs
                     after = set(r.get("after", []))
                     upstream = [x for x in self.records() if x["job"] in after or x["job"].split("_")[0] in after]
-                    shown = [x for x in upstream if self.ended(x["job"])[0].split()[0] in FAILED_STATES] or upstream or [r]
+                    failed = [x for x in upstream if self.ended(x["job"])[0].split()[0] in FAILED_STATES]
+                    shown = failed or upstream or [r]
                 for x in shown:
                     print(f"---- last lines of {x['log']} ----\n{log_tail(Path(x['log']))}", file=sys.stderr)
                 why = f" ({reason})" if reason and reason != "None" else ""
