@@ -16,8 +16,10 @@ import sysconfig
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Not the project's own virtual environment (README and .ci/run put it in .venv: ~6.5 GB with torch,
+# copied per test, filled a shared /tmp) nor the pipeline's default work folders.
 _COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "results",
-                                      ".pytest_cache", ".whl")
+                                      ".pytest_cache", ".whl", ".venv", "venv", "nnunet_data", "nnunet_demo*")
 
 
 class FreshEnv:

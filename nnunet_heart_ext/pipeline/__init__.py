@@ -41,8 +41,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             launcher = launchers.LocalLauncher(ctx, strict=not options.dry_run)
         if options.dry_run:
             return launcher.dry_run(steps)
-        signal.signal(signal.SIGTERM, _terminate)
-        return launcher.run(steps)
+        previous = signal.signal(signal.SIGTERM, _terminate)  # `kill PID`: stop the jobs too, like Ctrl-C
+        try:
+            return launcher.run(steps)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except PipelineError as e:
         launchers.TERMINAL.clear()
         print(f"error: {e}", file=sys.stderr, flush=True)
