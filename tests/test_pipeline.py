@@ -565,3 +565,25 @@ def test_status_line_redraws_only_on_a_terminal():
         t.note("train_3d_fullres_fold0 finished")
     assert plain.getvalue().count("\n") == 1 and "Epoch" not in plain.getvalue()
     assert tty.getvalue().count("\r\033[K") == 3 and tty.getvalue().endswith("finished\n")
+
+
+def test_a_log_that_cannot_be_written_does_not_hang_the_job(tmp_path, monkeypatch):
+    """A full disk: writing the log fails, but the job's output is still drained (a job blocked on a
+    full pipe would hang forever) and the job ends as it would have."""
+    from nnunet_heart_ext.pipeline import launchers
+    from nnunet_heart_ext.pipeline.options import parse
+    from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
+
+    def disk_full(self, line):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(launchers.LogWriter, "_write", disk_full)
+    o = parse(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cpu"])
+    o.logs.mkdir(parents=True)
+    code = "import sys; [sys.stdout.write('x' * 1000 + '\\n') for _ in range(2000)]"
+    job = Job("chatty", [sys.executable, "-c", code], o.logs / "chatty.log", slot=True)
+    started = time.time()
+    launchers.LocalLauncher(Context(o)).run_wave(Wave([job]))
+    assert time.time() - started < 60
+    (record,) = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
+    assert record["rc"] == 0

@@ -91,6 +91,7 @@ class LogWriter:
         self.last_line = ""
         self.every = every
         self.last_partial = time.monotonic()
+        self.error: Optional[Exception] = None  # why the log could not be written, if it could not
 
     @staticmethod
     def _visible(line: bytes) -> bytes:
@@ -121,18 +122,34 @@ class LogWriter:
     def close(self):
         if self.file.closed:
             return
-        if self.pending:
-            self._write(self._visible(self.pending))
+        try:
+            if self.pending and self.error is None:
+                self._write(self._visible(self.pending))
             self.pending = b""
-        self.file.close()
+        except OSError as e:
+            self.error = e
+        finally:
+            try:
+                self.file.close()
+            except OSError as e:
+                self.error = self.error or e
 
 
 def _pump(stream, writer: LogWriter):
+    """Drain the job's output into its log. The pipe is drained to the end even when the log can no
+    longer be written (a full disk): a job blocked on a full pipe would hang instead of failing."""
+    failed = False
     while True:
         data = os.read(stream.fileno(), 65536)
         if not data:
             break
-        writer.feed(data)
+        if failed:
+            continue
+        try:
+            writer.feed(data)
+        except (OSError, ValueError) as e:
+            failed = True
+            writer.error = e
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -381,6 +398,9 @@ class LocalLauncher:
                         self._stop(running)
                         TERMINAL.clear()
                         print(f"---- last lines of {r.job.log} ----\n{log_tail(r.job.log)}", file=sys.stderr)
+                        if r.writer.error is not None:
+                            print(f"---- its output could not all be written to the log: {r.writer.error} "
+                                  f"(disk full?)", file=sys.stderr)
                         raise PipelineError(f"{name} failed (exit {rc}); full log: {r.job.log}; rerun to continue")
                     note(f"  {name} finished ({time.time() - r.start:.0f} s)")
                 if TERMINAL.tty and time.time() - last_status >= 1 and running:
@@ -477,6 +497,9 @@ class SlurmLauncher:
                 out.append(Unit(u.name, steps, u.gpu, u.array))
         return out
 
+    def units_by_name(self) -> Dict[str, Unit]:
+        return {u.name: u for u in self.units()}
+
     def unit_done(self, unit: Unit, steps: Dict[str, Step]) -> bool:
         if any(self.o.forced(s) for s in unit.steps):
             return False
@@ -485,10 +508,13 @@ class SlurmLauncher:
         except PipelineError:
             return False
 
-    def task_done(self, config: str, fold: int) -> bool:
-        if self.o.forced("train") or self.o.forced("validate"):
+    def task_done(self, config: str, fold: int, steps=("train", "validate")) -> bool:
+        """One fold of the array: its steps (those of the train unit that --only keeps) are done."""
+        if any(self.o.forced(s) for s in steps):
             return False
-        return Train(self.ctx).fold_state(config, fold).done and Validate(self.ctx).fold_check(config, fold).done
+        if "train" in steps and not Train(self.ctx).fold_state(config, fold).done:
+            return False
+        return "validate" not in steps or Validate(self.ctx).fold_check(config, fold).done
 
     # ------------------------------------------------------------------ submission
     def _script(self, unit: Unit, commands: List[List[str]], stamp: str) -> Path:
@@ -547,7 +573,7 @@ class SlurmLauncher:
         for unit in self.units():
             if unit.array:
                 keys = [(f"train:{c}:{f}", c, f) for c in self.o.configs for f in self.o.folds]
-                todo = [(k, c, f) for k, c, f in keys if cascade or not self.task_done(c, f)]
+                todo = [(k, c, f) for k, c, f in keys if cascade or not self.task_done(c, f, unit.steps)]
             else:
                 keys = [(unit.name, None, None)]
                 todo = keys if cascade or not self.unit_done(unit, steps) else []
@@ -617,9 +643,12 @@ class SlurmLauncher:
                     state, exit_code, reason = self.ended(job)
                 del pending[job]
                 if state == "UNKNOWN":  # forgotten by the controller: judge by the outputs
-                    _, config, fold = (r["key"].split(":") + ["", "0"])[:3]
-                    done = self.task_done(config, int(fold)) if r["unit"] == "train" else \
-                        self.unit_done(next(u for u in self.units() if u.name == r["unit"]), steps)
+                    unit = self.units_by_name()[r["unit"]]
+                    if unit.array:
+                        _, config, fold = r["key"].split(":")
+                        done = self.task_done(config, int(fold), unit.steps)
+                    else:
+                        done = self.unit_done(unit, steps)
                     state = "COMPLETED" if done else "FAILED"
                 note(f"  job {job} ({r['key']}) ended: {state} (exit {exit_code})")
                 if state.split()[0] not in FAILED_STATES:
