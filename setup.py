@@ -50,7 +50,7 @@ setup(
     description="nnU-Net v2 extension for AICUP 2025 CT heart segmentation: trainers, plans, "
     "Triton/Numba kernels, and a one-command pipeline",
     python_requires=">=3.10",
-    packages=["nnunet_heart_ext", "nnunet_heart_ext.kernels", "nnunet_heart_ext.trainers"],
+    packages=["nnunet_heart_ext", "nnunet_heart_ext.pipeline", "nnunet_heart_ext.kernels", "nnunet_heart_ext.trainers"],
     package_dir={
         "nnunet_heart_ext": "nnunet_heart_ext",
         "nnunet_heart_ext.kernels": "kernels",

@@ -1,14 +1,17 @@
-"""`nnunet-heart`: the extension's command line (phantom, prepare, export).
+"""`nnunet-heart`: the extension's command line (phantom, prepare, export, pipeline).
 
-    nnunet-heart phantom --out DIR [--train 8] [--test 4] [--seed 0] [--full-size]
-    nnunet-heart prepare --src DIR [--test-dir DIR] [--link] [--raw DIR] [--dataset Dataset100_Heart]
-    nnunet-heart export  --pred DIR --images DIR --out predict.zip
+    nnunet-heart phantom  --out DIR [--train 8] [--test 4] [--seed 0] [--full-size]
+    nnunet-heart prepare  --src DIR [--test-dir DIR] [--link] [--raw DIR] [--dataset Dataset100_Heart]
+    nnunet-heart export   --pred DIR --images DIR --out predict.zip
+    nnunet-heart pipeline --src DIR | --demo [options]   (what ensemble_pipeline.sh runs; --help)
 
 Invalid input is reported one problem per line, each naming its file, with exit status 1 and
 nothing written. The subcommands' modules are imported only when run (no torch at all).
 """
 import argparse
 import sys
+
+from nnunet_heart_ext.dataset import DATASET_NAME
 
 
 def _phantom(args):
@@ -29,7 +32,7 @@ def _export(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,pipeline}")
 
     p = sub.add_parser("phantom", help="write a synthetic heart CT dataset in the organizer's layout")
     p.add_argument("--out", required=True, help="folder to create (new, empty, or an earlier phantom)")
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-dir", help="test images folder if it is not beside the training folders")
     p.add_argument("--link", action="store_true", help="symbolic links instead of copies")
     p.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
-    p.add_argument("--dataset", default="Dataset100_Heart", help="dataset folder name (default Dataset100_Heart)")
+    p.add_argument("--dataset", default=DATASET_NAME, help=f"dataset folder name (default {DATASET_NAME})")
     p.set_defaults(run=_prepare)
 
     p = sub.add_parser("export", help="nnU-Net predictions -> flat predict.zip of patientNNNN_predict.nii.gz")
@@ -54,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="the test images predicted (imagesTs or testing_image)")
     p.add_argument("--out", required=True, help="zip to write, e.g. predict.zip")
     p.set_defaults(run=_export)
+
+    sub.add_parser("pipeline", help="organizer files -> predict.zip with the official commands, here or on "
+                                    "Slurm (what ensemble_pipeline.sh runs; `nnunet-heart pipeline --help`)",
+                   add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pipeline"]:  # its own options (and --help): nnunet_heart_ext.pipeline.options
+        from nnunet_heart_ext.pipeline import main as pipeline_main
+        return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
     from nnunet_heart_ext.io import DatasetError
     try:

@@ -8,20 +8,18 @@ channel, same size, spacing, origin and direction, label values 0-3; every test 
 one prediction and every prediction a test image. All problems are raised together in one
 DatasetError naming the files, and no zip is written then. The zip is built under a temporary name
 and moved into place, so `out_zip` is either the previous file or the complete new one. nnU-Net's
-by-products in the prediction folder (*.json, *.npz, *.pkl) are ignored.
+by-products in the prediction folder (*.json, *.npz, *.pkl) are ignored. File names are the dataset
+contract's (`nnunet_heart_ext.dataset`).
 """
-import re
 import zipfile
 from pathlib import Path
 from typing import Dict, List
 
 import SimpleITK as sitk
 
-from nnunet_heart_ext.io import (IMAGE_NAME, DatasetError, geometry_mismatches, geometry_of, label_values_problem,
-                                 read_geometry, read_image, replace_atomically, volume_problem)
-
-TEST_IMAGE_NAME = re.compile(r"^patient(\d{4})(_0000)?\.nii\.gz$")
-OTHER_CHANNEL = re.compile(r"^patient\d{4}_\d{4}\.nii\.gz$")
+from nnunet_heart_ext import dataset as ds
+from nnunet_heart_ext.io import (DatasetError, geometry_mismatches, geometry_of, label_values_problem, read_geometry,
+                                 read_image, replace_atomically, volume_problem)
 
 
 def _test_images(images_dir: Path, problems: List[str]) -> Dict[str, Path]:
@@ -29,13 +27,12 @@ def _test_images(images_dir: Path, problems: List[str]) -> Dict[str, Path]:
     for f in sorted(images_dir.iterdir()):
         if f.name.startswith("."):
             continue
-        m = TEST_IMAGE_NAME.match(f.name)
-        if m is None:
-            why = "a second channel; the heart task has one (_0000)" if OTHER_CHANNEL.match(f.name) else \
-                "unrecognised name (expected patientNNNN_0000.nii.gz or patientNNNN.nii.gz)"
+        case = ds.case_of_test_image(f.name)
+        if case is None:
+            why = "a second channel; the heart task has one (_0000)" if ds.is_second_channel(f.name) else \
+                f"unrecognised name (expected {ds.RAW_IMAGE.example} or {ds.ORGANIZER_IMAGE.example})"
             problems.append(f"{f}: {why}")
             continue
-        case = f"patient{m.group(1)}"
         if case in found:
             problems.append(f"{f}: duplicate test image for {case} (also {found[case]})")
         else:
@@ -46,13 +43,13 @@ def _test_images(images_dir: Path, problems: List[str]) -> Dict[str, Path]:
 def _predictions(pred_dir: Path, problems: List[str]) -> Dict[str, Path]:
     found: Dict[str, Path] = {}
     for f in sorted(pred_dir.iterdir()):
-        if f.name.startswith(".") or not f.name.endswith(".nii.gz"):
+        if f.name.startswith(".") or not f.name.endswith(ds.FILE_ENDING):
             continue  # nnU-Net writes dataset.json, plans.json, *.npz, *.pkl beside the predictions
-        m = IMAGE_NAME.match(f.name)
-        if m is None:
-            problems.append(f"{f}: unrecognised name (expected patientNNNN.nii.gz)")
+        case = ds.PREDICTION.case(f.name)
+        if case is None:
+            problems.append(f"{f}: unrecognised name (expected {ds.PREDICTION.example})")
         else:
-            found[f"patient{m.group(1)}"] = f
+            found[case] = f
     return found
 
 
@@ -95,9 +92,9 @@ def export(pred_dir, images_dir, out_zip) -> Path:
     images = _test_images(images_dir, problems)
     preds = _predictions(pred_dir, problems)
     if not images:
-        problems.append(f"{images_dir}: no test images (patientNNNN_0000.nii.gz)")
+        problems.append(f"{images_dir}: no test images ({ds.RAW_IMAGE.example})")
     for case in sorted(images.keys() - preds.keys()):
-        problems.append(f"{pred_dir / (case + '.nii.gz')}: missing prediction for test image {images[case]}")
+        problems.append(f"{pred_dir / ds.PREDICTION.name(case)}: missing prediction for test image {images[case]}")
     for case in sorted(preds.keys() - images.keys()):
         problems.append(f"{preds[case]}: prediction for a case with no test image in {images_dir}")
     for case in tqdm(sorted(preds.keys() & images.keys()), desc="export: checking", unit="case"):
@@ -109,7 +106,7 @@ def export(pred_dir, images_dir, out_zip) -> Path:
         # .nii.gz is already compressed: store, don't deflate again
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for case in sorted(preds):
-                zf.write(preds[case], arcname=f"{case}_predict.nii.gz")
+                zf.write(preds[case], arcname=ds.SUBMISSION.name(case))
 
     replace_atomically(write, out_zip)
     print(f"export: {len(preds)} predictions -> {out_zip}")

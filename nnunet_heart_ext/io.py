@@ -1,4 +1,4 @@
-"""NIfTI checks and atomic writes shared by `phantom`, `prepare` and `export`.
+"""NIfTI checks and atomic writes shared by `phantom`, `prepare`, `export` and the pipeline.
 
 Everything here takes and returns plain paths, SimpleITK images and numpy arrays. Files are
 always written to a hidden temporary name in the destination folder and then moved into place
@@ -7,7 +7,7 @@ output under the final name.
 """
 import gzip
 import os
-import re
+import struct
 import shutil
 import uuid
 import zlib
@@ -17,9 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-LABELS = {"background": 0, "myocardium": 1, "aortic_valve": 2, "calcification": 3}
-IMAGE_NAME = re.compile(r"^patient(\d{4})\.nii\.gz$")  # organizer image: patient0001.nii.gz
-LABEL_NAME = re.compile(r"^patient(\d{4})_gt\.nii\.gz$")  # organizer label: patient0001_gt.nii.gz
+from nnunet_heart_ext.dataset import LABEL_VALUES
 
 
 class DatasetError(Exception):
@@ -100,32 +98,98 @@ def volume_problem(geometry: Geometry) -> Optional[str]:
 
 
 def geometry_mismatches(a: Geometry, b: Geometry) -> List[str]:
-    """Differences in size, spacing, origin, direction (tolerance as nnU-Net's np.allclose checks,
-    with a small absolute floor because headers store float32)."""
+    """Differences in size, spacing, origin, direction. Spacing uses the tolerance of nnU-Net's
+    own check (np.allclose's defaults, which `--verify_dataset_integrity` refuses beyond); origin and
+    direction, which nnU-Net only warns about, a small absolute floor too (headers store float32)."""
     out = []
     if a.size != b.size:
         out.append(f"size {b.size} != {a.size}")
     for name in ("spacing", "origin", "direction"):
         va, vb = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
-        if va.shape != vb.shape or not np.allclose(va, vb, rtol=1e-5, atol=1e-5):
-            out.append(f"{name} {tuple(round(float(v), 5) for v in vb)} != "
-                       f"{tuple(round(float(v), 5) for v in va)}")
+        atol = 1e-8 if name == "spacing" else 1e-5
+        if va.shape != vb.shape or not np.allclose(np.abs(va) if name == "spacing" else va,
+                                                   np.abs(vb) if name == "spacing" else vb, rtol=1e-5, atol=atol):
+            out.append(f"{name} {tuple(round(float(v), 7) for v in vb)} != "
+                       f"{tuple(round(float(v), 7) for v in va)}")
     return out
 
 
+def nonfinite_problem(array: np.ndarray) -> Optional[str]:
+    """None unless some voxels are NaN or infinite (nnU-Net's CT normalisation would then turn the
+    whole case into NaN; `--verify_dataset_integrity` refuses NaN)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return None
+    finite = np.isfinite(array)
+    if finite.all():
+        return None
+    return _nonfinite_message(array, finite)
+
+
+def stored_nonfinite_problem(path: Path, image: sitk.Image) -> Optional[str]:
+    """nonfinite_problem of the values stored in a floating-point NIfTI file. SimpleITK's NIfTI
+    reader (2.5, ITK 5.4) turns NaN and infinite voxels into 0, so neither the array it returns nor
+    nnU-Net's own check (which reads through it) can see them: the file is read again with nibabel,
+    only for floating-point images (integer voxels cannot be NaN)."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64) or not str(path).endswith((".nii", ".nii.gz")):
+        return nonfinite_problem(sitk.GetArrayViewFromImage(image))
+    import nibabel
+
+    return nonfinite_problem(np.asanyarray(nibabel.load(str(path)).dataobj))
+
+
+def _nonfinite_message(array: np.ndarray, finite: np.ndarray) -> str:
+    n_nan = int(np.isnan(array).sum())
+    n_inf = int(array.size - finite.sum()) - n_nan
+    what = " and ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} infinite" if n_inf else "") if s)
+    return f"has {what} voxel value(s); replace them before training"
+
+
 def label_values_problem(array: np.ndarray) -> Optional[str]:
-    """None if every voxel holds a label value 0-3, else which values are wrong."""
-    allowed = sorted(LABELS.values())
+    """None if every voxel holds one of the dataset's label values, else which values are wrong."""
+    allowed = list(LABEL_VALUES)
     if array.size == 0:
         return "is empty"
     if np.issubdtype(array.dtype, np.integer) and allowed[0] <= array.min() and array.max() <= allowed[-1]:
-        return None  # fast path; 0..3 is contiguous
+        return None  # fast path; the label values are contiguous
     bad = array[~np.isin(array, allowed)]
     if bad.size == 0:
         return None
     values = np.unique(bad)
     shown = ", ".join(f"{v:g}" for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
     return f"has label values outside {allowed}: {shown} ({bad.size} voxels)"
+
+
+def nifti_incomplete(path: Path) -> Optional[str]:
+    """Cheap completeness check of a finished .nii.gz (what "is it done" asks of a file that a
+    killed command may have cut short): the gzip trailer's length field must match the length the
+    NIfTI header implies. Reads the first few hundred bytes and the last four; None if complete."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with gzip.open(path, "rb") as f:
+            header = f.read(352)
+        with open(path, "rb") as f:
+            f.seek(size - 4)
+            isize = struct.unpack("<I", f.read(4))[0]
+    except (OSError, EOFError, zlib.error, struct.error) as e:
+        return f"not a readable .nii.gz ({e})"
+    if len(header) < 348:
+        return "shorter than a NIfTI header"
+    for endian in "<>":
+        if struct.unpack(endian + "i", header[:4])[0] == 348:
+            break
+    else:
+        return "not a NIfTI-1 file"
+    dims = struct.unpack(endian + "8h", header[40:56])
+    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+    vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+    n = 1
+    for d in dims[1:1 + max(0, min(dims[0], 7))]:
+        n *= max(int(d), 1)
+    expected = int(vox_offset) + n * bitpix // 8
+    if isize != expected % (1 << 32):
+        return f"cut short (its data should be {expected} bytes uncompressed)"
+    return None
 
 
 def _temp_path(final: Path) -> Path:

@@ -21,22 +21,24 @@ Every fifth case (patient0002, 0007, 0012, ...) is anisotropic: slice spacing 3.
 `full_size=True` gives 512 x 512 x 250-400 at 0.3-0.45 mm in-plane, 0.4 or 0.5 mm slices, like
 the organizer's data. Images are int16 HU, labels uint8; identity direction.
 
-Layout written (train ids first, test ids continue after them, like 0001-0050 / 0051-0100):
+Layout written (train ids first, test ids continue after them, like 0001-0050 / 0051-0100), with
+the organizer's names as the dataset contract (`nnunet_heart_ext.dataset`) states them:
     out/training_image1..3/patientNNNN.nii.gz    out/training_label/patientNNNN_gt.nii.gz
     out/testing_image/patientNNNN.nii.gz         out/testing_label/patientNNNN_gt.nii.gz
 """
 import json
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_heart_ext.io import IMAGE_NAME, LABEL_NAME, DatasetError, write_image, write_text
+from nnunet_heart_ext import dataset as ds
+from nnunet_heart_ext.io import DatasetError, write_image, write_text
 
-FOLDERS = ("training_image1", "training_image2", "training_image3", "training_label",
-           "testing_image", "testing_label")
+TRAIN_LABEL_DIR, TEST_IMAGE_DIR, TEST_LABEL_DIR = ds.TRAIN_LABEL_DIRS[0], ds.TEST_IMAGE_DIRS[0], ds.TEST_LABEL_DIRS[0]
+FOLDERS = ds.ORGANIZER_TRAIN_IMAGE_DIRS + (TRAIN_LABEL_DIR, TEST_IMAGE_DIR, TEST_LABEL_DIR)
 MARKER = ".nnunet-heart-phantom.json"  # says the folder is ours to overwrite
 
 
@@ -260,14 +262,42 @@ def _plan(n_train: int, n_test: int, seed: int) -> Dict[int, dict]:
     for ids in (train_ids, test_ids):
         if len(ids):
             calcified |= set(choose.choice(ids, size=max(1, round(len(ids) / 3)), replace=False).tolist())
-    for folder_index, chunk in enumerate(np.array_split(train_ids, 3)):  # contiguous, like the organizer
+    image_dirs = ds.ORGANIZER_TRAIN_IMAGE_DIRS
+    for folder_index, chunk in enumerate(np.array_split(train_ids, len(image_dirs))):  # contiguous, like the organizer
         for case in chunk.tolist():
-            plan[case] = dict(image_dir=f"training_image{folder_index + 1}", label_dir="training_label")
+            plan[case] = dict(image_dir=image_dirs[folder_index], label_dir=TRAIN_LABEL_DIR)
     for case in test_ids.tolist():
-        plan[case] = dict(image_dir="testing_image", label_dir="testing_label")
+        plan[case] = dict(image_dir=TEST_IMAGE_DIR, label_dir=TEST_LABEL_DIR)
     for case, entry in plan.items():
         entry.update(anisotropic=case % 5 == 2, calcified=case in calcified)
     return plan
+
+
+def _files(out: Path, n_train: int, n_test: int, seed: int) -> Dict[int, dict]:
+    """_plan with each case's image and label path under `out`."""
+    plan = _plan(n_train, n_test, seed)
+    for case, entry in plan.items():
+        entry["image"] = out / entry["image_dir"] / ds.ORGANIZER_IMAGE.name(ds.case_id(case))
+        entry["label"] = out / entry["label_dir"] / ds.ORGANIZER_LABEL.name(ds.case_id(case))
+    return plan
+
+
+def phantom_differs(out_dir, n_train: int = 8, n_test: int = 4, seed: int = 0, full_size: bool = False) -> Optional[str]:
+    """Why `make_phantom(out_dir, ...)` would write something, or None when `out_dir` already
+    holds that phantom (same arguments in its marker, every case file there; files are written
+    atomically, so a file that exists is whole). Reads no image."""
+    out = Path(out_dir).expanduser()
+    if not (out / MARKER).is_file():
+        return f"{out} holds no phantom"
+    made = json.loads((out / MARKER).read_text())
+    wanted = dict(seed=seed, n_train=n_train, n_test=n_test, full_size=full_size)
+    if made != wanted:
+        return f"{out} holds the phantom of {made}, not {wanted}"
+    missing = [p for entry in _files(out, n_train, n_test, seed).values() for p in (entry["image"], entry["label"])
+               if not p.is_file()]
+    if missing:
+        return f"{len(missing)} file(s) of the phantom are missing (e.g. {missing[0]})"
+    return None
 
 
 def make_phantom(out_dir, n_train: int = 8, n_test: int = 4, seed: int = 0, full_size: bool = False) -> Path:
@@ -287,15 +317,13 @@ def make_phantom(out_dir, n_train: int = 8, n_test: int = 4, seed: int = 0, full
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise DatasetError([f"{out}: not empty and not made by `nnunet-heart phantom`; choose a new "
                             f"or empty folder (existing files are never overwritten)"], "output folder")
-    plan = _plan(n_train, n_test, seed)
-    for case, entry in plan.items():
-        entry["image"] = out / entry["image_dir"] / f"patient{case:04d}.nii.gz"
-        entry["label"] = out / entry["label_dir"] / f"patient{case:04d}_gt.nii.gz"
+    plan = _files(out, n_train, n_test, seed)
     ours = {entry[key] for entry in plan.values() for key in ("image", "label")}
     for folder in FOLDERS:  # drop cases of an earlier phantom in this folder that this one does not make
-        for old in (out / folder).glob("patient*.nii.gz"):
-            if (IMAGE_NAME.match(old.name) or LABEL_NAME.match(old.name)) and old not in ours:
-                old.unlink()
+        for pattern in (ds.ORGANIZER_IMAGE, ds.ORGANIZER_LABEL):
+            for old in ds.cases_in(out / folder, pattern).values():
+                if old not in ours:
+                    old.unlink()
     write_text(json.dumps(dict(seed=seed, n_train=n_train, n_test=n_test, full_size=full_size)), out / MARKER)
 
     started = time.perf_counter()

@@ -5,13 +5,16 @@
     SRC/testing_image/patient0051.nii.gz           ->  RAW/Dataset100_Heart/imagesTs/patient0051_0000.nii.gz
                                                        RAW/Dataset100_Heart/dataset.json
 
-The organizer's case ids are kept, so predictions map straight back (see `export`). The test folder
+The names and folders it accepts are the dataset contract's (`nnunet_heart_ext.dataset`). The
+organizer's case ids are kept, so predictions map straight back (see `export`). The test folder
 is found beside the training folders (testing_image, testing_images, test_image, test_images or
 imagesTs) or given with `test_dir`; its `patientNNNN.nii.gz` are the test images (ground-truth
 `_gt` files there are ignored).
 
-Every case is checked before anything is written: readable NIfTI, 3D, one channel; image and label
-with the same size, spacing, origin and direction; label values 0-3; no case id twice; no label
+Every case is checked before anything is written, at least as strictly as nnU-Net's own
+`--verify_dataset_integrity`: readable NIfTI (not cut short), 3D, one channel; no NaN or infinite
+voxel in any image or label (test images included); image and label with the same size, spacing
+(nnU-Net's tolerance), origin and direction; label values 0-3 only; no case id twice; no label
 without an image or image without a label; no file name it does not recognise. All problems are
 raised together in one DatasetError, each naming its file. The originals are only read: files are
 copied (or symbolically linked with `link=True`), and a rerun copies only what changed (size or
@@ -20,100 +23,86 @@ folder that prepare did not make (no `.nnunet-heart-prepare.json` in it) is neve
 """
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import SimpleITK as sitk
 
-from nnunet_heart_ext.io import (IMAGE_NAME, LABEL_NAME, LABELS, DatasetError, copy_file, geometry_mismatches,
-                                 geometry_of, label_values_problem, link_file, read_image, up_to_date,
-                                 volume_problem, write_text)
+from nnunet_heart_ext import dataset as ds
+from nnunet_heart_ext.io import (DatasetError, copy_file, geometry_mismatches, geometry_of, label_values_problem,
+                                 link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem,
+                                 write_text)
 
-TRAIN_IMAGE_DIR = re.compile(r"^training_images?\d*$")
-TRAIN_LABEL_DIRS = ("training_label", "training_labels")
-TEST_IMAGE_DIRS = ("testing_image", "testing_images", "test_image", "test_images", "imagesTs")
-DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_-]+$")
+DATASET_NAME = ds.NNUNET_DATASET_NAME
 MARKER = ".nnunet-heart-prepare.json"  # in the dataset folder: the files prepare wrote there
 
 
-def _scan(folder: Path, pattern: re.Pattern, expected: str, found: Dict[str, Path], problems: List[str],
-          also_ok: Optional[re.Pattern] = None) -> None:
-    """Add `patientNNNN` -> file for the names in `folder` that match; report the others."""
-    for f in sorted(folder.iterdir()):
-        if f.name.startswith("."):
-            continue  # hidden files (.DS_Store, editors' swap files)
-        m = pattern.match(f.name)
-        if m is None:
-            if not (also_ok and also_ok.match(f.name)):
-                problems.append(f"{f}: unrecognised name (expected {expected})")
-            continue
-        case = f"patient{m.group(1)}"
-        if case in found:
-            problems.append(f"{f}: duplicate case id {case} (also {found[case]})")
-        else:
-            found[case] = f
-
-
-def _find_test_dir(src: Path, test_dir, problems: List[str]) -> Optional[Path]:
-    if test_dir is not None:
-        test_dir = Path(test_dir).expanduser().absolute()
-        if not test_dir.is_dir():
-            problems.append(f"{test_dir}: test folder does not exist")
+def _raw_root(raw_root, problems: List[str]) -> Optional[Path]:
+    if raw_root is None:
+        raw_root = os.environ.get("nnUNet_raw")
+        if not raw_root:
+            problems.append("$nnUNet_raw: not set; set it or pass --raw")
             return None
-        return test_dir
-    candidates = [src / name for name in TEST_IMAGE_DIRS if (src / name).is_dir()]
-    if len(candidates) > 1:
-        problems.append(f"{src}: several test folders ({', '.join(c.name for c in candidates)}); "
-                        f"name one with --test-dir")
-        return None
-    return candidates[0] if candidates else None
+    return Path(raw_root).expanduser().absolute()
 
 
-def prepare(src, raw_root=None, dataset_name: str = "Dataset100_Heart", test_dir=None, link: bool = False) -> Path:
+def _plan_files(files: ds.OrganizerFiles, out: Path) -> Dict[Path, Path]:
+    """Destination in the raw dataset -> organizer file, for every file prepare copies."""
+    raw = ds.RawDataset(out)
+    plan = {}
+    for c in files.training_cases:
+        plan[raw.image(c)] = files.images[c]
+        plan[raw.label(c)] = files.labels[c]
+    for c in files.test_cases:
+        plan[raw.test_image(c)] = files.tests[c]
+    return plan
+
+
+def pending(src, raw_root=None, dataset_name: str = ds.DATASET_NAME, test_dir=None) -> Optional[str]:
+    """Why `prepare(src, raw_root, ...)` would still change something, or None when the dataset
+    folder already holds exactly what it would write (copies up to date by size and modification
+    time, no file of a dropped case, dataset.json in place). Reads file names and metadata only."""
+    problems: List[str] = []
+    root = _raw_root(raw_root, problems)
+    if root is None:
+        return problems[0]
+    files = ds.find_organizer_files(src, test_dir)
+    if files.problems:
+        return f"the organizer folder has problems ({files.problems[0]}{', ...' if len(files.problems) > 1 else ''})"
+    out = root / dataset_name
+    if not (out / MARKER).is_file():
+        return f"{out} was not written by prepare yet"
+    plan = _plan_files(files, out)
+    written = set(json.loads((out / MARKER).read_text())["files"])
+    ours = {str(dst.relative_to(out)) for dst in plan}
+    if written != ours:
+        return f"{out} holds other cases than {files.src} ({len(written ^ ours)} file(s) differ)"
+    stale = [dst for dst, source in plan.items() if not up_to_date(source, dst, dst.is_symlink())]
+    if stale:
+        return f"{len(stale)} file(s) in {out} differ from their originals (e.g. {stale[0].name})"
+    dataset_json = out / ds.DATASET_JSON
+    if not dataset_json.is_file() or json.loads(dataset_json.read_text()).get("numTraining") != \
+            len(files.training_cases):
+        return f"{dataset_json} is missing or counts other cases"
+    return None
+
+
+def prepare(src, raw_root=None, dataset_name: str = ds.DATASET_NAME, test_dir=None, link: bool = False) -> Path:
     """Convert the organizer's folder `src` into `raw_root/dataset_name` (default root: $nnUNet_raw)
     and return the dataset folder. Raises DatasetError, having written nothing, if the input is invalid."""
     from tqdm import tqdm
 
     src = Path(src).expanduser().absolute()
     problems: List[str] = []
-    if raw_root is None:
-        raw_root = os.environ.get("nnUNet_raw")
-        if not raw_root:
-            problems.append("$nnUNet_raw: not set; set it or pass --raw")
+    root = _raw_root(raw_root, problems)
     if not DATASET_NAME.match(dataset_name):
         problems.append(f"{dataset_name}: not an nnU-Net dataset name (DatasetNNN_Name)")
     if not src.is_dir():
         raise DatasetError(problems + [f"{src}: source folder does not exist"])
-    out = Path(raw_root).expanduser().absolute() / dataset_name if raw_root else None
-
-    image_dirs = sorted(d for d in src.iterdir() if d.is_dir() and TRAIN_IMAGE_DIR.match(d.name))
-    label_dirs = [src / n for n in TRAIN_LABEL_DIRS if (src / n).is_dir()]
-    if not image_dirs:
-        problems.append(f"{src}: no training image folder (training_image1, training_image2, ...)")
-    if len(label_dirs) != 1:
-        problems.append(f"{src}: expected one training label folder (training_label), found {len(label_dirs)}")
-    test_folder = _find_test_dir(src, test_dir, problems)
-
-    images: Dict[str, Path] = {}
-    labels: Dict[str, Path] = {}
-    tests: Dict[str, Path] = {}
-    for d in image_dirs:
-        _scan(d, IMAGE_NAME, "patientNNNN.nii.gz", images, problems)
-    for d in label_dirs:
-        _scan(d, LABEL_NAME, "patientNNNN_gt.nii.gz", labels, problems)
-    if test_folder is not None:
-        _scan(test_folder, IMAGE_NAME, "patientNNNN.nii.gz", tests, problems, also_ok=LABEL_NAME)
-    for case in sorted(labels.keys() - images.keys()):
-        problems.append(f"{labels[case]}: label without an image (no {case}.nii.gz in "
-                        f"{', '.join(d.name for d in image_dirs) or 'training_image*'})")
-    for case in sorted(images.keys() - labels.keys()):
-        problems.append(f"{images[case]}: training image without a label (no {case}_gt.nii.gz in training_label)")
-    for case in sorted(tests.keys() & images.keys()):
-        problems.append(f"{tests[case]}: duplicate case id {case} (also {images[case]})")
-    if image_dirs and not images and not problems:
-        problems.append(f"{src}: no training cases found")
+    out = root / dataset_name if root else None
+    files = ds.find_organizer_files(src, test_dir)
+    problems += files.problems
     if out is not None:
         if out.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(out.resolve()):
             problems.append(f"{out}: output and source folder {src} overlap; choose another --raw")
@@ -128,22 +117,17 @@ def prepare(src, raw_root=None, dataset_name: str = "Dataset100_Heart", test_dir
                                     f"tell them apart")
 
     # read every case that the layout allows, so that one run lists all problems
-    cases = sorted(images.keys() & labels.keys())
-    print(f"prepare: {len(cases)} training cases in {len(image_dirs)} folders, {len(tests)} test images"
-          + (f" in {test_folder}" if test_folder else " (no test folder found)"))
-    checks = [(images[c], labels[c]) for c in cases] + [(tests[c], None) for c in sorted(tests.keys() - images.keys())]
-    for image_path, label_path in tqdm(checks, desc="prepare: checking", unit="case"):
+    cases, tests = files.training_cases, files.test_cases
+    print(f"prepare: {len(cases)} training cases in {len(files.train_image_dirs)} folders, {len(tests)} test images"
+          + (f" in {files.test_dir}" if files.test_dir else " (no test folder found)"))
+    checks = [(files.images[c], files.labels[c]) for c in cases] + [(files.tests[c], None) for c in tests]
+    for image_path, label_path in tqdm(checks, desc="prepare: checking", unit="case", mininterval=5):
         problems += check_case(image_path, label_path)
     if problems:
         raise DatasetError(problems)
 
-    plan = {}
-    for c in cases:
-        plan[out / "imagesTr" / f"{c}_0000.nii.gz"] = images[c]
-        plan[out / "labelsTr" / f"{c}.nii.gz"] = labels[c]
-    for c in sorted(tests):
-        plan[out / "imagesTs" / f"{c}_0000.nii.gz"] = tests[c]
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    plan = _plan_files(files, out)
+    for sub in (ds.RAW_IMAGES_TR, ds.RAW_LABELS_TR, ds.RAW_IMAGES_TS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     # the marker lists what prepare wrote, so a rerun removes only its own files of dropped cases;
     # it names the new files before they are written, so an interrupted run can be rerun
@@ -156,7 +140,8 @@ def prepare(src, raw_root=None, dataset_name: str = "Dataset100_Heart", test_dir
             (out / name).unlink()
             removed += 1
     written = 0
-    for dst, source in tqdm(plan.items(), desc="prepare: " + ("linking" if link else "copying"), unit="file"):
+    for dst, source in tqdm(plan.items(), desc="prepare: " + ("linking" if link else "copying"), unit="file",
+                            mininterval=5):
         if not up_to_date(source, dst, link):
             (link_file if link else copy_file)(source, dst)
             written += 1
@@ -174,7 +159,7 @@ def check_case(image_path: Path, label_path: Optional[Path]) -> List[str]:
     except ValueError as e:
         image, problems = None, [f"{image_path}: {e}"]
     else:
-        problem = volume_problem(geometry_of(image))
+        problem = volume_problem(geometry_of(image)) or stored_nonfinite_problem(image_path, image)
         problems = [f"{image_path}: {problem}"] if problem else []
     if label_path is None:
         return problems
@@ -185,10 +170,10 @@ def check_case(image_path: Path, label_path: Optional[Path]) -> List[str]:
     problem = volume_problem(geometry_of(label))
     if problem:
         return problems + [f"{label_path}: {problem}"]
-    if image is not None and not problems:
+    if image is not None and volume_problem(geometry_of(image)) is None:
         for mismatch in geometry_mismatches(geometry_of(image), geometry_of(label)):
             problems.append(f"{label_path}: {mismatch} of its image {image_path.name}")
-    problem = label_values_problem(sitk.GetArrayViewFromImage(label))
+    problem = stored_nonfinite_problem(label_path, label) or label_values_problem(sitk.GetArrayViewFromImage(label))
     if problem:
         problems.append(f"{label_path}: {problem}")
     return problems
@@ -199,14 +184,15 @@ def _write_dataset_json(out: Path, dataset_name: str, num_training: int) -> bool
     left alone if the content would not change (True if written)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
+    content = ds.dataset_json_content(num_training)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        generate_dataset_json(tmp, {0: "CT"}, dict(LABELS), num_training, ".nii.gz", dataset_name=dataset_name,
-                              description="AICUP 2025 CT heart segmentation (organizer layout converted by "
-                                          "`nnunet-heart prepare`)",
+        generate_dataset_json(tmp, content["channel_names"], content["labels"], content["num_training_cases"],
+                              content["file_ending"], dataset_name=dataset_name,
+                              description=f"{ds.DESCRIPTION} (organizer layout converted by `nnunet-heart prepare`)",
                               overwrite_image_reader_writer="SimpleITKIO", converted_by="nnunet-heart prepare",
                               license="see the AICUP 2025 competition terms")
-        new = Path(tmp) / "dataset.json"
-        final = out / "dataset.json"
+        new = Path(tmp) / ds.DATASET_JSON
+        final = out / ds.DATASET_JSON
         if final.is_file() and json.loads(final.read_text()) == json.loads(new.read_text()):
             return False
         os.replace(new, final)

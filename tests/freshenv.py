@@ -20,7 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # several GB), wheels, results or the pipeline's work folders.
 _COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "results",
                                       ".pytest_cache", ".whl", ".venv", "nnunet_demo*", "nnunet_data",
-                                      "work_dirs", "demo_run")
+                                      "work_dirs", "demo_run", "venv")
 
 
 class FreshEnv:

@@ -132,3 +132,17 @@ def test_cli_matches_api(phantom, tmp_path, capsys):
     assert _digest(tmp_path / "cli") == _digest(phantom)
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--train", "0"]) == 1
     assert "train" in capsys.readouterr().err
+
+
+def test_phantom_differs_says_when_it_would_write(tmp_path):
+    """What the demo asks before writing its phantom (names only, no image read)."""
+    from nnunet_heart_ext.phantom import phantom_differs
+
+    out = tmp_path / "p"
+    assert "holds no phantom" in phantom_differs(out, 2, 1, seed=4)
+    make_phantom(out, n_train=2, n_test=1, seed=4)
+    assert phantom_differs(out, 2, 1, seed=4) is None
+    assert "seed" in phantom_differs(out, 2, 1, seed=5)
+    assert phantom_differs(out, 3, 1, seed=4) is not None
+    (out / "testing_label" / "patient0003_gt.nii.gz").unlink()
+    assert "missing" in phantom_differs(out, 2, 1, seed=4)

@@ -1,10 +1,12 @@
-"""ensemble_pipeline.sh end to end on a tiny phantom, on the CPU.
+"""ensemble_pipeline.sh end to end on a tiny phantom, on the CPU, through the entry point users run.
 
-One pipeline run (two folds in parallel) is shared by most assertions; the kill test copies its
-prepared and preprocessed data and its finished fold 0, then kills a run while fold 1 trains.
-The trainer is a throwaway class found through nnU-Net's official `nnUNet_extTrainer` folder
-(3 epochs x 2 iterations, a checkpoint every epoch), which also checks that
-nnUNet_extTrainer keeps working next to the extension's import hook.
+One work folder holds the main story (module fixture `runs`): a cluster-style run that prepares,
+plans and trains fold 0 of two configurations alone; the full pipeline with folds 0-3, two
+slots, killed while folds 1 and 2 train; the same command again (folds 1 and 2 continue, fold 3
+waits for a free slot, prediction split in two parts); and once more (every step done). Later
+tests copy from it: each organizer layout that `prepare` accepts, and an ensemble of two
+configurations. The trainers are throwaway classes found through nnU-Net's official
+`nnUNet_extTrainer` folder (tests/pipeline_helpers.py).
 """
 import hashlib
 import json
@@ -21,88 +23,38 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_heart_ext import pipeline_utils
+from pipeline_helpers import SCRIPT, cpu_args, tiny_phantom, user_env
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "ensemble_pipeline.sh"
 TEST_CASES = ["patient0006", "patient0007"]  # 5 training cases (nnU-Net's 5-fold split needs 5), 2 test
-MODEL = "PipelineTestTrainer__HeartDemoPlans__3d_fullres"
-
-TRAINER_SOURCE = '''
-from nnunet_heart_ext.trainers import HeartTrainer
-
-
-class PipelineTestTrainer(HeartTrainer):
-    def __init__(self, plans, configuration, fold, dataset_json, device=None):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 3
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
-        self.test_time_mirroring = False
-
-
-class PipelineFailingTrainer(PipelineTestTrainer):
-    def __init__(self, plans, configuration, fold, dataset_json, device=None):
-        if fold == 1:
-            raise RuntimeError("deliberate failure in fold 1")
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1000  # fold 0 must still be running when fold 1 fails
-'''
-
-
-def _shrink(folder: Path, factor: float = 3.0) -> None:
-    """Resample every case to 1/factor of its size (same physical extent): patches then cover
-    whole images, so validation and prediction take one window per case."""
-    for path in folder.glob("*/*.nii.gz"):
-        img = sitk.ReadImage(str(path))
-        size = [max(8, int(round(s / factor))) for s in img.GetSize()]
-        spacing = [sp * s / n for sp, s, n in zip(img.GetSpacing(), img.GetSize(), size)]
-        interp = sitk.sitkNearestNeighbor if path.name.endswith("_gt.nii.gz") else sitk.sitkLinear
-        out = sitk.Resample(img, size, sitk.Transform(), interp, img.GetOrigin(), spacing,
-                            img.GetDirection(), 0, img.GetPixelID())
-        sitk.WriteImage(out, str(path))
+TRAINER = "PipelineTestTrainer"
+MODEL = f"{TRAINER}__HeartDemoPlans__3d_fullres"
+FOLDS = "0,1,2,3"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from nnunet_heart_ext.phantom import make_phantom
-
     root = tmp_path_factory.mktemp("pipeline")
-    src = make_phantom(root / "phantom", n_train=5, n_test=2, seed=0)
-    _shrink(src)
-    trainers = root / "ext_trainers"
-    trainers.mkdir()
-    (trainers / "pipeline_test_trainers.py").write_text(TRAINER_SOURCE)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA",
-                        "nnUNet_def_n_proc", "CUDA_VISIBLE_DEVICES",
-                        # set by conftest for the kernel tests; would run the loss in Triton's interpreter
-                        "TRITON_INTERPRET")}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["nnUNet_extTrainer"] = str(trainers)
-    args = ["bash", str(SCRIPT), "--src", str(src), "--device", "cpu",
-            "--planner", "HeartDemoPlanner", "--plans", "HeartDemoPlans", "--trainer", "PipelineTestTrainer"]
-    return {"root": root, "src": src, "env": env, "args": args}
+    src = tiny_phantom(root)
+    return {"root": root, "src": src, "env": user_env(root), "args": cpu_args(src, TRAINER)}
 
 
-def _run(setup, *extra, timeout=600, check=True):
-    p = subprocess.run(setup["args"] + list(extra), env=setup["env"], capture_output=True, text=True,
+def _run(setup, *extra, timeout=900, check=True, args=None):
+    p = subprocess.run((args or setup["args"]) + list(extra), env=setup["env"], capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"pipeline failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
 
 
-def _fold_dir(work: Path, fold: int) -> Path:
-    return work / "nnUNet_results" / "Dataset100_Heart" / MODEL / f"fold_{fold}"
+def _fold_dir(work: Path, fold: int, model: str = MODEL) -> Path:
+    return work / "nnUNet_results" / "Dataset100_Heart" / model / f"fold_{fold}"
 
 
 def _digest(path: Path):
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
-def _check_zip(zip_path: Path, src: Path) -> None:
+def _check_zip(zip_path: Path, test_images: Path) -> None:
     """Flat, one file per test case with the organizer's name, geometry of the test image, labels 0-3."""
     with zipfile.ZipFile(zip_path) as z:
         assert sorted(z.namelist()) == [f"{c}_predict.nii.gz" for c in TEST_CASES]
@@ -111,7 +63,7 @@ def _check_zip(zip_path: Path, src: Path) -> None:
         z.extractall(out)
     for case in TEST_CASES:
         pred = sitk.ReadImage(str(out / f"{case}_predict.nii.gz"))
-        image = sitk.ReadImage(str(src / "testing_image" / f"{case}.nii.gz"))
+        image = sitk.ReadImage(str(test_images / f"{case}.nii.gz"))
         assert pred.GetSize() == image.GetSize()
         np.testing.assert_allclose(pred.GetSpacing(), image.GetSpacing(), rtol=1e-5)
         np.testing.assert_allclose(pred.GetOrigin(), image.GetOrigin(), atol=1e-4)
@@ -119,25 +71,23 @@ def _check_zip(zip_path: Path, src: Path) -> None:
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
 
 
-def _wait_for(condition, proc, what: str, seconds: float = 480) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        assert proc.poll() is None, f"pipeline ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+def _jobs(work: Path) -> list:
+    return [json.loads(line) for line in (work / "logs" / "jobs.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def runs(setup):
     """One work folder, four runs (the whole test data story, shared by the tests below):
-    A  `--only prepare,plan,train --folds 0`: a cluster-style job that finishes fold 0 alone;
-    B  the full pipeline, folds 0,1,2, two at a time, killed (SIGKILL to its process group)
-       once folds 1 and 2 both train their second epoch;
-    C  the same command again: folds 1 and 2 continue, the run completes;
+    A  `--only prepare,plan,train --folds 0 --configs 2d,3d_fullres`: a cluster-style job that
+       finishes fold 0 of both configurations alone (2d is for the ensemble test);
+    B  the full pipeline, folds 0-3, two at a time, killed (SIGKILL to its process group)
+       once folds 1 and 2 both train their second epoch (fold 3 still waits for a slot);
+    C  the same command again: folds 1 and 2 continue, fold 3 starts when a slot frees, the run completes;
     D  the same command once more: every step finds its outputs complete."""
     work = setup["root"] / "work"
-    full = ["--work", str(work), "--folds", "0,1,2", "--parallel", "2"]
-    a = _run(setup, "--work", str(work), "--folds", "0", "--only", "prepare,plan,train")
+    full = ["--work", str(work), "--folds", FOLDS, "--parallel", "2"]
+    a = _run(setup, "--work", str(work), "--folds", "0", "--configs", "2d,3d_fullres", "--only", "prepare,plan,train",
+             "--parallel", "2")
     fold0 = _digest(_fold_dir(work, 0) / "checkpoint_final.pth")
 
     logs = [work / "logs" / f"train_3d_fullres_fold{f}.log" for f in (1, 2)]
@@ -147,30 +97,74 @@ def runs(setup):
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
             # "Epoch 1" is logged after epoch 0's checkpoint_latest.pth was written in full
-            _wait_for(lambda: all(log.is_file() and "Epoch 1" in log.read_text() for log in logs),
-                      proc, "folds 1 and 2 both reached epoch 1")
+            deadline = time.time() + 600
+            while not all(log.is_file() and "Epoch 1" in log.read_text() for log in logs):
+                assert proc.poll() is None, f"pipeline ended before folds 1 and 2 reached epoch 1:\n{b_out.read_text()}"
+                assert time.time() < deadline, "timed out waiting for folds 1 and 2 to reach epoch 1"
+                time.sleep(0.2)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     killed = {f: sorted(p.name for p in _fold_dir(work, f).glob("checkpoint_*.pth")) for f in (1, 2)}
+    jobs_b = len(_jobs(work)) if (work / "logs" / "jobs.jsonl").is_file() else 0
     c = _run(setup, *full)
+    jobs_c = _jobs(work)[jobs_b:]
     after_c = {p: _digest(p) for p in [work / "predict.zip"] + [_fold_dir(work, f) / "checkpoint_final.pth"
-                                                                 for f in (0, 1, 2)]}
+                                                                 for f in range(4)]}
+    started = time.time()
     d = _run(setup, *full)
-    return {"work": work, "a": a.stdout, "b": b_out.read_text(), "c": c.stdout, "d": d.stdout,
-            "fold0": fold0, "killed": killed, "after_c": after_c}
+    return {"work": work, "a": a.stdout, "b": b_out.read_text(), "c": c.stdout, "d": d.stdout, "fold0": fold0,
+            "killed": killed, "after_c": after_c, "jobs_c": jobs_c,
+            "d_seconds": time.time() - started, "full": full}
 
 
 @pytest.mark.slow
 def test_end_to_end_predict_zip(runs, setup):
-    _check_zip(runs["work"] / "predict.zip", setup["src"])
+    _check_zip(runs["work"] / "predict.zip", setup["src"] / "testing_image")
     assert f"submission: {runs['work'] / 'predict.zip'}" in runs["c"]
 
 
 @pytest.mark.slow
 def test_only_runs_the_named_steps_and_folds(runs):
-    assert "train_3d_fullres_fold0 started" in runs["a"]
-    assert "fold1" not in runs["a"] and "step best" not in runs["a"]
+    a = runs["a"]
+    assert "train_3d_fullres_fold0 started" in a and "train_2d_fold0 started" in a
+    assert "fold1" not in a and "step best" not in a and "step validate" not in a
+
+
+@pytest.mark.slow
+def test_every_official_command_is_logged_before_it_runs(runs):
+    lines = runs["c"].splitlines()
+    started = [i for i, line in enumerate(lines) if " started" in line and "(log: " in line]
+    assert len(started) >= 8  # folds 1-3, validation-free best, 2 prediction parts, postprocess, export
+    for i in started:
+        assert "  $ " in lines[i - 1], f"no command line logged before: {lines[i]}"
+    for cmd in ("nnUNetv2_train 100 3d_fullres 3", "nnUNetv2_find_best_configuration 100", "nnUNetv2_predict -i",
+                "nnUNetv2_apply_postprocessing -i", "nnunet-heart export --pred"):
+        assert any(f"$ {cmd}" in line for line in lines), cmd
+
+
+@pytest.mark.slow
+def test_folds_and_prediction_parts_share_slots_without_overlap(runs):
+    """The multi-GPU path with CPU slots: three folds on two slots, never two jobs on one slot at
+    once, fold 3 started only when a slot was free, the prediction split into one part per slot."""
+    jobs = [j for j in runs["jobs_c"] if j["slot"] is not None]
+    by_slot = {}
+    for j in jobs:
+        by_slot.setdefault(j["slot"], []).append(j)
+    assert set(by_slot) == {"cpu0", "cpu1"}
+    for slot, js in by_slot.items():
+        js.sort(key=lambda j: j["start"])
+        for earlier, later in zip(js, js[1:]):
+            assert earlier["end"] <= later["start"], f"{earlier['job']} and {later['job']} overlap on {slot}"
+    names = {j["job"]: j for j in jobs}
+    assert {"train_3d_fullres_fold1", "train_3d_fullres_fold2", "train_3d_fullres_fold3"} <= set(names)
+    assert all(j["rc"] == 0 for j in jobs)
+    first_end = min(names[f"train_3d_fullres_fold{f}"]["end"] for f in (1, 2))
+    assert names["train_3d_fullres_fold3"]["start"] >= first_end
+    parts = [names["predict_3d_fullres_part0"], names["predict_3d_fullres_part1"]]
+    assert {p["slot"] for p in parts} == {"cpu0", "cpu1"} and "-num_parts 2" in parts[0]["command"]
+    for fold in range(4):
+        assert (_fold_dir(runs["work"], fold) / "checkpoint_final.pth").is_file()
 
 
 @pytest.mark.slow
@@ -180,11 +174,10 @@ def test_two_folds_train_in_parallel_with_a_log_each(runs):
     assert "train_3d_fullres_fold0" not in b  # finished by run A
     for fold in (1, 2):
         log = (runs["work"] / "logs" / f"train_3d_fullres_fold{fold}.log").read_text()
-        assert log.count(f"nnUNetv2_train 100 3d_fullres {fold} -tr PipelineTestTrainer") == 2  # B, then C
+        assert log.count(f"nnUNetv2_train 100 3d_fullres {fold} -tr {TRAINER}") == 2  # B, then C
         assert "Training done." in log
-    for fold in (0, 1, 2):
+    for fold in range(4):
         fold_dir = _fold_dir(runs["work"], fold)
-        assert (fold_dir / "checkpoint_final.pth").is_file()
         summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
         # the closing summary reports this fold's validation Dice per class
         row = next(line for line in c.splitlines() if line.strip().startswith(f"fold {fold}"))
@@ -205,10 +198,44 @@ def test_killed_run_resumes_without_retraining_finished_folds(runs):
 
 
 @pytest.mark.slow
-def test_rerun_finds_every_step_done(runs):
+def test_rerun_finds_every_step_done_in_process(runs):
     for step in ("prepare", "plan", "train", "validate", "best", "predict", "postprocess", "export"):
         assert f"{step}: already done" in runs["d"], step
     assert {p: _digest(p) for p in runs["after_c"]} == runs["after_c"]
+    assert runs["d_seconds"] < 30  # no command, no extra Python start-up to ask what is done
+
+
+@pytest.mark.slow
+def test_done_checks_start_no_process(runs, setup, monkeypatch, capsys):
+    """--status and a rerun with every step done, in this process, with process creation disabled:
+    the "is it done" checks are plain file reads."""
+    from nnunet_heart_ext.pipeline import main
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args[:1]}")
+
+    for name, value in setup["env"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    argv = setup["args"][2:] + runs["full"]
+    assert main(argv + ["--status", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows] == ["prepare", "plan", "train", "validate", "best", "predict", "postprocess",
+                                         "export"]
+    assert all(r["done"] for r in rows), rows
+    assert main(argv) == 0
+    assert "export: already done" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_logs_stay_readable(runs):
+    """Progress bars redraw on a terminal; in a log file they leave a line or two, not one per update."""
+    logs = runs["work"] / "logs"
+    for log in logs.glob("*.log"):
+        assert "\r" not in log.read_text(), log
+    plan = (logs / "plan.log").read_text()
+    assert 1 <= plan.count("Preprocessing cases") <= 4, plan
+    assert (logs / "prepare.log").read_text().count("prepare: checking") == 1
 
 
 @pytest.mark.slow
@@ -216,57 +243,167 @@ def test_first_failing_fold_stops_the_run_and_shows_its_log(runs, setup):
     work = setup["root"] / "work_fail"
     for folder in ("nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(runs["work"] / folder, work / folder, symlinks=True)
-    args = [a if a != "PipelineTestTrainer" else "PipelineFailingTrainer" for a in setup["args"]]
-    p = subprocess.run(args + ["--work", str(work), "--folds", "0,1", "--parallel", "2", "--only", "train"], env=setup["env"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0
+    args = cpu_args(setup["src"], "PipelineFailingTrainer")
+    p = _run(setup, "--work", str(work), "--folds", "0,1", "--parallel", "2", "--only", "train", check=False,
+             timeout=300, args=args)
+    assert p.returncode == 1
     assert "deliberate failure in fold 1" in p.stderr  # the log tail of the failed fold
     assert "train_3d_fullres_fold1 failed" in p.stderr and "train_3d_fullres_fold1.log" in p.stderr
-    fold0 = work / "nnUNet_results" / "Dataset100_Heart" / "PipelineFailingTrainer__HeartDemoPlans__3d_fullres" / "fold_0"
+    fold0 = _fold_dir(work, 0, "PipelineFailingTrainer__HeartDemoPlans__3d_fullres")
     assert not (fold0 / "checkpoint_final.pth").exists()  # the other fold was stopped, not finished
+    ended = {j["job"]: j for j in _jobs(work)}
+    assert ended["train_3d_fullres_fold0"]["rc"] != 0  # stopped by the pipeline
+
+
+# ----------------------------------------------------------------------------- organizer layouts
+def _move_all(src: Path, dst: Path):
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        shutil.move(str(f), dst / f.name)
+    src.rmdir()
+
+
+def _layout_training_labels(src, root):
+    (src / "training_label").rename(src / "training_labels")
+
+
+def _layout_testing_images(src, root):
+    (src / "testing_image").rename(src / "testing_images")
+
+
+def _layout_gt_beside_test_images(src, root):
+    _move_all(src / "testing_label", src / "testing_image")
+
+
+def _layout_test_image(src, root):
+    (src / "testing_image").rename(src / "test_image")
+
+
+def _layout_test_images(src, root):
+    (src / "testing_image").rename(src / "test_images")
+
+
+def _layout_imagesTs(src, root):
+    (src / "testing_image").rename(src / "imagesTs")
+
+
+def _layout_test_dir_elsewhere(src, root):
+    (src / "testing_image").rename(root / "my_test_images")
+    return ["--test-dir", str(root / "my_test_images")]
+
+
+def _layout_one_training_images_folder(src, root):
+    for d in ("training_image1", "training_image2", "training_image3"):
+        _move_all(src / d, src / "training_images")
+
+
+LAYOUTS = [_layout_training_labels, _layout_testing_images, _layout_gt_beside_test_images, _layout_test_image,
+           _layout_test_images, _layout_imagesTs, _layout_test_dir_elsewhere, _layout_one_training_images_folder]
 
 
 @pytest.mark.slow
-def test_disk_estimate_covers_what_preprocessing_wrote(runs):
-    work = runs["work"]
-    raw = work / "nnUNet_raw" / "Dataset100_Heart"
-    pre = work / "nnUNet_preprocessed" / "Dataset100_Heart"
-    written = sum(p.stat().st_size for d in ("HeartDemoPlans_3d_fullres", "gt_segmentations")
-                  for p in (pre / d).iterdir())
-    assert pipeline_utils.estimate_preprocessed_bytes(str(raw), 1) >= written
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__[len("_layout_"):])
+def test_pipeline_gets_through_every_layout_prepare_accepts(layout, runs, setup, tmp_path):
+    """Each organizer layout `nnunet-heart prepare` accepts gets through the pipeline. The trained
+    models are the main story's (copied); prepare, the done checks and export run for each layout,
+    and with the ground truth beside the test images (which prepare ignores) prediction and
+    postprocessing run again too."""
+    src = Path(shutil.copytree(setup["src"], tmp_path / "organizer"))
+    extra = layout(src, tmp_path) or []
+    work = tmp_path / "work"
+    for folder in ("nnUNet_preprocessed", "nnUNet_results") + (("predictions",) if layout is not
+                                                               _layout_gt_beside_test_images else ()):
+        shutil.copytree(runs["work"] / folder, work / folder, symlinks=True)
+    p = _run(setup, "--work", str(work), "--folds", FOLDS, *extra, args=cpu_args(src, TRAINER))
+    assert "prepare finished" in p.stdout and "export finished" in p.stdout
+    images_ts = work / "nnUNet_raw" / "Dataset100_Heart" / "imagesTs"
+    assert sorted(f.name for f in images_ts.iterdir()) == [f"{c}_0000.nii.gz" for c in TEST_CASES]
+    test_images = Path(extra[1]) if extra else \
+        next(d for d in src.iterdir() if d.name.startswith(("test", "images")) and "label" not in d.name)
+    _check_zip(work / "predict.zip", test_images)
+    if layout is _layout_gt_beside_test_images:
+        assert "predict_3d_fullres_part0 started" in p.stdout
+    again = _run(setup, "--work", str(work), "--folds", FOLDS, *extra, args=cpu_args(src, TRAINER))
+    assert "export: already done" in again.stdout and "prepare: already done" in again.stdout
 
 
-def test_score_uses_nnunet_dice(tmp_path):
-    """Perfect predictions score 1 where a class exists; a wiped class scores 0."""
-    rng = np.random.default_rng(0)
-    gt_dir = tmp_path / "gt"
-    gt_dir.mkdir()
-    zip_path = tmp_path / "predict.zip"
-    with zipfile.ZipFile(zip_path, "w") as z:
-        for i, case in enumerate(TEST_CASES):
-            lab = rng.integers(0, 3, size=(6, 7, 8)).astype(np.uint8)
-            sitk.WriteImage(sitk.GetImageFromArray(lab), str(gt_dir / f"{case}_gt.nii.gz"))
-            pred = lab.copy()
-            pred[pred == 2] = 0
-            sitk.WriteImage(sitk.GetImageFromArray(pred), str(tmp_path / "p.nii.gz"))
-            z.write(tmp_path / "p.nii.gz", f"{case}_predict.nii.gz")
-    summary = pipeline_utils.score(str(zip_path), str(gt_dir), str(tmp_path / "dice.json"))
-    assert summary["mean"]["1"]["Dice"] == pytest.approx(1.0)
-    assert summary["mean"]["2"]["Dice"] == pytest.approx(0.0)
-    assert np.isnan(summary["mean"]["3"]["Dice"])  # absent in both: nnU-Net scores it NaN
+# ----------------------------------------------------------------------------- ensemble
+def _ensemble_wins(work: Path, models: list, fold: int):
+    """Validation outputs where each model alone is wrong and their average is right: each model's
+    probabilities put 0.45 on the true class and 0.55 on a wrong one (a different one per model),
+    and one background voxel on calcification in both (so that no class is absent from both truth
+    and prediction, which nnU-Net scores NaN). find_best_configuration then picks the ensemble."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    rw = SimpleITKIO()
+    gt_dir = work / "nnUNet_preprocessed" / "Dataset100_Heart" / "gt_segmentations"
+    for shift, model in enumerate(models, start=1):
+        validation = _fold_dir(work, fold, model) / "validation"
+        for npz in validation.glob("*.npz"):
+            case = npz.name[:-4]
+            gt, props = rw.read_seg(str(gt_dir / f"{case}.nii.gz"))
+            gt = gt[0].astype(np.int64)
+            old = np.load(npz)["probabilities"]
+            assert old.shape == (4, *gt.shape), (old.shape, gt.shape)
+            probs = 0.45 * np.eye(4)[gt] + 0.55 * np.eye(4)[(gt + shift) % 4]
+            spot = tuple(np.argwhere(gt == 0)[0])
+            probs[spot] = [0.0, 0.0, 0.0, 1.0]
+            probs = np.moveaxis(probs, -1, 0).astype(np.float32)
+            np.savez_compressed(npz, probabilities=probs)
+            rw.write_seg(probs.argmax(0).astype(np.uint8), str(validation / f"{case}.nii.gz"), props)
+
+
+@pytest.mark.slow
+def test_ensemble_of_two_configurations(runs, setup, tmp_path):
+    """--configs 2d,3d_fullres: find_best_configuration picks the ensemble, both models predict
+    with probabilities, nnUNetv2_ensemble averages them, postprocessing and export follow."""
+    work = tmp_path / "work"
+    for folder in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(runs["work"] / folder, work / folder, symlinks=True)
+    models = [f"{TRAINER}__HeartDemoPlans__2d", MODEL]
+    for model in models:  # fold 0 of both, trained in run A
+        shutil.copytree(runs["work"] / "nnUNet_results" / "Dataset100_Heart" / model / "fold_0",
+                        work / "nnUNet_results" / "Dataset100_Heart" / model / "fold_0")
+        for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+            shutil.copy2(runs["work"] / "nnUNet_results" / "Dataset100_Heart" / model / f,
+                         work / "nnUNet_results" / "Dataset100_Heart" / model / f)
+    _ensemble_wins(work, models, 0)
+    p = _run(setup, "--work", str(work), "--folds", "0", "--configs", "2d,3d_fullres", "--parallel", "2")
+    out = p.stdout
+    assert "chosen: 2d + 3d_fullres" in out
+    for config in ("2d", "3d_fullres"):
+        assert f"predict_{config}_part0 started" in out
+        pred = work / "predictions" / f"{TRAINER}_HeartDemoPlans_{config}"
+        assert sorted(f.name for f in pred.glob("*.npz")) == [f"{c}.npz" for c in TEST_CASES]
+    assert "$ nnUNetv2_ensemble -i" in out
+    info = json.loads((work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").read_text())
+    pp_pkl = info["best_model_or_ensemble"]["postprocessing_file"]
+    assert "ensembles" in pp_pkl and f"-pp_pkl_file {pp_pkl}" in out
+    assert f"-i {work / 'predictions' / 'ensemble'} -o {work / 'predictions' / 'postprocessed'}" in out
+    _check_zip(work / "predict.zip", setup["src"] / "testing_image")
+
+
+# ----------------------------------------------------------------------------- fast checks
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_def_n_proc", "nnUNet_n_proc_DA")}
+    return dict(env, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     for extra, message in [(["--folds", "0,x"], "--folds: 'x' is not a fold number"),
                            (["--only", "bogus"], "--only: unknown step 'bogus'"),
                            (["--force", "bogus"], "--force: unknown step 'bogus'"),
-                           (["--device", "tpu"], "--device must be cuda or cpu")]:
+                           (["--device", "tpu"], "--device must be cuda or cpu"),
+                           (["--launcher", "pbs"], "--launcher must be local or slurm"),
+                           (["--wait"], "--wait and --slurm-args go with --launcher slurm"),
+                           (["--seed", "3"], "--seed is the demo phantom's seed"),
+                           (["--bogus"], "unrecognized arguments: --bogus")]:
         p = subprocess.run(["bash", str(SCRIPT), "--src", str(tmp_path), "--work", str(tmp_path / "w")] + extra,
-                           env=env, capture_output=True, text=True, timeout=60)
-        assert p.returncode != 0 and message in p.stderr, (extra, p.stderr)
-    p = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0 and "--gpus LIST" in p.stdout
+                           env=_env(), capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and message in p.stderr, (extra, p.stderr)
+        assert not (tmp_path / "w").exists()
+    p = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode == 0 and "--gpus LIST" in p.stdout and "--launcher slurm" in p.stdout
 
 
 def test_asking_for_gpus_without_one_fails_clearly(tmp_path):
@@ -274,8 +411,179 @@ def test_asking_for_gpus_without_one_fails_clearly(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     p = subprocess.run(["bash", str(SCRIPT), "--src", str(tmp_path), "--work", str(tmp_path / "w")],
-                       env=env, capture_output=True, text=True, timeout=120)
+                       env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "no CUDA GPU visible" in p.stderr
     assert not (tmp_path / "w" / "nnUNet_raw").exists()  # nothing was prepared
+
+
+def test_dry_run_and_status_print_the_commands_in_order_and_change_nothing(tmp_path):
+    """On a fresh folder: --dry-run lists the official commands in the order they would run, --status
+    says each step is to do and why, and neither writes anything (not even the work folder)."""
+    work = tmp_path / "w"
+    base = ["bash", str(SCRIPT), "--demo", "--seed", "3", "--work", str(work), "--folds", "0,1,2"]
+    p = subprocess.run(base + ["--dry-run"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    commands = [line for line in p.stdout.splitlines() if not line.startswith("#")]
+    expected = ["nnunet-heart phantom", "nnunet-heart prepare",
+                "nnUNetv2_plan_and_preprocess -d 100 -pl HeartDemoPlanner",
+                "nnUNetv2_train 100 3d_fullres 0", "nnUNetv2_train 100 3d_fullres 1", "nnUNetv2_train 100 3d_fullres 2",
+                "nnUNetv2_find_best_configuration 100 -c 3d_fullres", "nnUNetv2_predict", "nnUNetv2_predict",
+                "nnUNetv2_apply_postprocessing", "nnunet-heart export"]
+    assert len(commands) == len(expected) and all(c.startswith(e) for c, e in zip(commands, expected)), commands
+    assert "--seed 3" in commands[0] and "-num_parts 2 -part_id 1" in commands[8]
+    assert "-np 2 -npfp 2" in commands[2] and "-npp 2 -nps 2" in commands[7]  # the CPU defaults
+    assert "(in this process) Dice per class" in p.stdout  # the demo's score, last
+    s = subprocess.run(base + ["--status", "--json"], env=_env(), capture_output=True, text=True, timeout=120)
+    rows = json.loads(s.stdout)
+    assert [r["step"] for r in rows][-1] == "score" and not any(r["done"] for r in rows)
+    assert "holds no phantom" in rows[0]["reason"]
+    assert not work.exists()
+
+
+def test_demo_seed_picks_the_phantom_and_its_own_work_folder(tmp_path):
+    from nnunet_heart_ext.pipeline.options import parse
+
+    o = parse(["--demo"], cwd=tmp_path)
+    assert o.seed == 0 and o.work == tmp_path / "nnunet_demo" and o.src == tmp_path / "nnunet_demo" / "phantom"
+    o = parse(["--demo", "--seed", "7"], cwd=tmp_path)
+    assert o.seed == 7 and o.work == tmp_path / "nnunet_demo_seed7"
+    from nnunet_heart_ext.pipeline.steps import Context, Prepare
+
+    job = next(Prepare(Context(o)).waves(False, assume=True)).items[0]
+    assert job.argv[:2] == ["nnunet-heart", "phantom"] and job.argv[-2:] == ["--seed", "7"]
+
+
+def test_gpu_slots_one_job_per_gpu_at_a_time(tmp_path):
+    """The GPU path of the local launcher: each job sees only its own GPU (CUDA_VISIBLE_DEVICES),
+    never two jobs on one GPU at once, and more jobs than GPUs queue for a free one."""
+    from nnunet_heart_ext.pipeline.launchers import LocalLauncher
+    from nnunet_heart_ext.pipeline.options import parse
+    from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
+
+    o = parse(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cuda", "--gpus", "0,1"])
+    launcher = LocalLauncher(Context(o), strict=False)  # no GPU needed: the jobs only report what they see
+    assert launcher.slots == ["0", "1"]
+    o.logs.mkdir(parents=True)
+    code = "import os, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(0.6)"
+    jobs = [Job(f"job{i}", [sys.executable, "-c", code], o.logs / f"job{i}.log", slot=True) for i in range(5)]
+    launcher.run_wave(Wave(jobs))
+    records = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["rc"] == 0 for r in records)
+    for r in records:
+        assert f"gpu {r['slot']}" in (o.logs / f"{r['job']}.log").read_text()
+    for slot in ("0", "1"):
+        mine = sorted((r for r in records if r["slot"] == slot), key=lambda r: r["start"])
+        assert mine and all(a["end"] <= b["start"] for a, b in zip(mine, mine[1:]))
+
+
+def test_log_writer_keeps_one_line_per_progress_bar(tmp_path):
+    from nnunet_heart_ext.pipeline.launchers import LogWriter
+
+    w = LogWriter(tmp_path / "x.log", every=3600)
+    w.feed(b"start\n")
+    for i in range(100):
+        w.feed(f"\rbar {i:3d}%".encode())
+    w.feed(b"\rbar 100%\ndone\nhalf")
+    w.close()
+    assert (tmp_path / "x.log").read_text() == "start\nbar 100%\ndone\nhalf\n"
+    w = LogWriter(tmp_path / "y.log", every=0)  # a long bar leaves a line now and then
+    w.feed(b"\rbar 1")
+    w.feed(b"\rbar 2")
+    w.close()
+    assert (tmp_path / "y.log").read_text().splitlines() == ["bar 1", "bar 2"]
+
+
+STOP_SCRIPT = '''
+import signal, sys
+from pathlib import Path
+from nnunet_heart_ext.pipeline import _terminate
+from nnunet_heart_ext.pipeline.launchers import LocalLauncher
+from nnunet_heart_ext.pipeline.options import parse
+from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
+
+work = Path(sys.argv[1])
+o = parse(["--src", str(work), "--work", str(work), "--device", "cpu", "--parallel", "2"])
+o.logs.mkdir(parents=True, exist_ok=True)
+signal.signal(signal.SIGTERM, _terminate)
+code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); " \\
+       "print('up', flush=True); time.sleep(300)"
+jobs = [Job(f"job{i}", [sys.executable, "-c", code], o.logs / f"job{i}.log", slot=True) for i in range(3)]
+try:
+    LocalLauncher(Context(o)).run_wave(Wave(jobs))
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+    sys.exit(130)
+'''
+
+
+def test_terminated_pipeline_stops_its_jobs_and_their_children(tmp_path):
+    """`kill PID` of the pipeline (SIGTERM to it alone, not its process group): the running jobs
+    and the processes they started end too, and the queued job never starts."""
+    from nnunet_heart_ext.pipeline.launchers import process_tree
+
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "w")], stdout=subprocess.PIPE, text=True,
+                         env=_env(), start_new_session=True)
+    try:
+        logs = [tmp_path / "w" / "logs" / f"job{i}.log" for i in range(2)]
+        deadline = time.time() + 60
+        while not all(log.is_file() and "\nup\n" in log.read_text() for log in logs):
+            assert time.time() < deadline and p.poll() is None
+            time.sleep(0.1)
+        tree = process_tree(p.pid)
+        assert len(tree) == 5  # the pipeline, two jobs, a child each
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 130 and "stopped" in p.stdout.read()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    time.sleep(0.5)
+    assert not [pid for pid in tree if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert not (tmp_path / "w" / "logs" / "job2.log").exists()
+    records = [json.loads(line) for line in (tmp_path / "w" / "logs" / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(r["job"] for r in records) == ["job0", "job1"] and all(r["rc"] != 0 for r in records)
+
+
+def test_status_line_redraws_only_on_a_terminal():
+    import io
+
+    from nnunet_heart_ext.pipeline.launchers import Terminal
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, plain = Tty(), io.StringIO()
+    for stream in (tty, plain):
+        t = Terminal(stream)
+        t.status("train_3d_fullres_fold0 12s: Epoch 3")
+        t.status("train_3d_fullres_fold0 13s: Epoch 4")
+        t.note("train_3d_fullres_fold0 finished")
+    assert plain.getvalue().count("\n") == 1 and "Epoch" not in plain.getvalue()
+    assert tty.getvalue().count("\r\033[K") == 3 and tty.getvalue().endswith("finished\n")
+
+
+def test_a_log_that_cannot_be_written_does_not_hang_the_job(tmp_path, monkeypatch):
+    """A full disk: writing the log fails, but the job's output is still drained (a job blocked on a
+    full pipe would hang forever) and the job ends as it would have."""
+    from nnunet_heart_ext.pipeline import launchers
+    from nnunet_heart_ext.pipeline.options import parse
+    from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
+
+    def disk_full(self, line):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(launchers.LogWriter, "_write", disk_full)
+    o = parse(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cpu"])
+    o.logs.mkdir(parents=True)
+    code = "import sys; [sys.stdout.write('x' * 1000 + '\\n') for _ in range(2000)]"
+    job = Job("chatty", [sys.executable, "-c", code], o.logs / "chatty.log", slot=True)
+    started = time.time()
+    launchers.LocalLauncher(Context(o)).run_wave(Wave([job]))
+    assert time.time() - started < 60
+    (record,) = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
+    assert record["rc"] == 0

@@ -154,7 +154,48 @@ def _break_unrecognised_names(src):
     return ["training_image1/patient1.nii.gz", "training_label/notes.txt", "testing_image/patient0005.nii"]
 
 
-BREAKS = [_break_unreadable, _break_truncated, _break_2d, _break_4d, _break_two_channels, _break_size, _break_spacing,
+def _break_nan_image(src):
+    image = src / "training_image2" / "patient0003.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
+    array[2, 3, 4] = np.nan
+    _rewrite(image, array=array)
+    return ["training_image2/patient0003.nii.gz"]
+
+
+def _break_infinite_image(src):
+    image = src / "training_image1" / "patient0002.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
+    array[0, 0, 0] = np.inf
+    _rewrite(image, array=array)
+    return ["training_image1/patient0002.nii.gz"]
+
+
+def _break_nan_label(src):
+    label = src / "training_label" / "patient0004_gt.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(label))).astype(np.float32)
+    array[1, 1, 1] = np.nan
+    _rewrite(label, array=array)
+    return ["training_label/patient0004_gt.nii.gz"]
+
+
+def _break_nan_test_image(src):
+    image = src / "testing_image" / "patient0006.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
+    array[0, 5, 5] = np.nan
+    _rewrite(image, array=array)
+    return ["testing_image/patient0006.nii.gz"]
+
+
+def _break_spacing_slightly(src):
+    """Beyond np.allclose's rtol 1e-5, the tolerance of nnU-Net's own check (a header rounding
+    error is far below it)."""
+    label = src / "training_label" / "patient0002_gt.nii.gz"
+    _rewrite(label, spacing=tuple(s * (1 + 5e-5) for s in sitk.ReadImage(str(label)).GetSpacing()))
+    return ["training_label/patient0002_gt.nii.gz"]
+
+
+BREAKS = [_break_nan_image, _break_infinite_image, _break_nan_label, _break_nan_test_image, _break_spacing_slightly,
+          _break_unreadable, _break_truncated, _break_2d, _break_4d, _break_two_channels, _break_size, _break_spacing,
           _break_origin, _break_direction, _break_label_value, _break_fractional_label, _break_duplicate_id,
           _break_test_reuses_training_id, _break_label_without_image, _break_image_without_label,
           _break_unrecognised_names]
@@ -277,3 +318,56 @@ def test_dataset_folder_made_by_hand_is_left_alone(src, raw):
         prepare(src)
     assert str(raw / "Dataset100_Heart") in str(error.value)
     assert _digest(raw) == before and len(before) == 2
+
+
+# What nnU-Net's `--verify_dataset_integrity` refuses (its check_cases / verify_labels, called here on
+# the broken organizer files), prepare refuses too, naming the file. (NaN is not among them here:
+# SimpleITK's NIfTI reader, which nnU-Net's check reads through, turns NaN voxels into 0; prepare
+# reads the stored values and refuses them, see BREAKS.)
+NNUNET_REFUSES = [_break_size, _break_spacing, _break_spacing_slightly, _break_label_value, _break_fractional_label]
+
+
+@pytest.mark.parametrize("breaker", NNUNET_REFUSES, ids=lambda f: f.__name__[len("_break_"):])
+def test_refuses_at_least_what_nnunet_verify_dataset_integrity_refuses(breaker, src, raw, capsys):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import check_cases, verify_labels
+
+    (bad,) = breaker(src)
+    case = Path(bad).name.split(".")[0].replace("_gt", "")
+    (image,) = src.glob(f"training_image*/{case}.nii.gz")
+    label = src / "training_label" / f"{case}_gt.nii.gz"
+    nnunet_ok = check_cases([str(image)], str(label), 1, SimpleITKIO) and \
+        verify_labels(str(label), SimpleITKIO, [0, 1, 2, 3])
+    assert not nnunet_ok, "the break must be one that nnU-Net's own check refuses"
+    assert "rror" in capsys.readouterr().out  # nnU-Net printed why
+    with pytest.raises(DatasetError) as error:
+        prepare(src)
+    assert str(src / bad) in str(error.value)
+    assert list(raw.iterdir()) == []
+
+
+def test_nan_and_infinite_voxels_are_named_as_such(src, raw):
+    _break_nan_image(src)
+    _break_infinite_image(src)
+    with pytest.raises(DatasetError) as error:
+        prepare(src)
+    lines = {p.split(": ", 1)[0]: p for p in error.value.problems}
+    assert "1 NaN voxel value(s)" in lines[str(src / "training_image2" / "patient0003.nii.gz")]
+    assert "1 infinite voxel value(s)" in lines[str(src / "training_image1" / "patient0002.nii.gz")]
+
+
+def test_pending_says_whether_a_rerun_would_change_anything(src, raw):
+    """What the pipeline asks before running prepare: file names and metadata only."""
+    from nnunet_heart_ext.prepare import pending
+
+    assert "not written by prepare" in pending(src)
+    prepare(src)
+    assert pending(src) is None
+    shutil.copy(src / "testing_label" / "patient0005_gt.nii.gz", src / "testing_image")  # ignored by prepare
+    assert pending(src) is None
+    os.utime(src / "training_label" / "patient0001_gt.nii.gz", (1, 1))  # a source changed
+    assert "differ from their originals" in pending(src)
+    prepare(src)
+    os.remove(src / "testing_image" / "patient0006.nii.gz")  # a test case dropped
+    assert "holds other cases" in pending(src)
+    (src / "training_label" / "stray.txt").write_text("x")
+    assert "problems" in pending(src) and "stray.txt" in pending(src)

@@ -1,0 +1,123 @@
+"""What the pipeline tells the user: each step's state (--status, --status --json), the Dice
+tables (validation per fold, the demo's test score) and the closing summary.
+
+Everything here reads files that nnU-Net's own commands wrote; scoring uses nnU-Net's own
+`compute_metrics_on_folder_simple`.
+"""
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from nnunet_heart_ext import dataset as ds
+from nnunet_heart_ext.io import write_text
+
+
+# ----------------------------------------------------------------------------- status
+def status(steps, as_json: bool = False, jobs: Optional[Dict[str, List[str]]] = None, out=None) -> List[dict]:
+    """Each step's state, from its in-process check; `jobs`: step -> live Slurm jobs (if any)."""
+    from nnunet_heart_ext.pipeline.options import PipelineError
+
+    out = out or sys.stdout
+    rows = []
+    for step in steps:
+        try:
+            c = step.check()
+            row = dict(step=step.name, done=c.done, reason=c.reason)
+        except PipelineError as e:
+            row = dict(step=step.name, done=False, reason=str(e))
+        if jobs and jobs.get(step.name):
+            row["jobs"] = jobs[step.name]
+        rows.append(row)
+    if as_json:
+        json.dump(rows, out, indent=1)
+        out.write("\n")
+    else:
+        for r in rows:
+            state = "done" if r["done"] else "to do"
+            line = f"{r['step']:<12} {state:<6} {r['reason']}"
+            if r.get("jobs"):
+                line += f"   [slurm: {', '.join(r['jobs'])}]"
+            out.write(line + "\n")
+    out.flush()
+    return rows
+
+
+# ----------------------------------------------------------------------------- Dice tables
+def _dice_row(summary_file: Path) -> list:
+    summary = json.loads(Path(summary_file).read_text())
+    return [summary["mean"].get(str(k), {}).get("Dice", float("nan")) for k in ds.CLASSES] + \
+        [summary["foreground_mean"]["Dice"]]
+
+
+def _table(rows: list) -> str:
+    head = ["", *ds.CLASSES.values(), "mean"]
+    lines = ["  ".join(f"{h:>14}" for h in head)]
+    for name, values in rows:
+        lines.append("  ".join([f"{name:>14}"] + [f"{v:>14.4f}" for v in values]))
+    return "\n".join(lines)
+
+
+def validation_summary(model_dirs: List[Path], folds: List[int]) -> str:
+    """Validation Dice per class and fold (from each fold's validation/summary.json)."""
+    parts = []
+    for model_dir in model_dirs:
+        rows = []
+        for f in folds:
+            s = model_dir / ds.fold_folder(f) / ds.VALIDATION_FOLDER / "summary.json"
+            if s.is_file():
+                rows.append((f"fold {f}", _dice_row(s)))
+        parts.append(f"validation Dice, {model_dir.name}:\n" + (_table(rows) if rows else "  (no validation results)"))
+    return "\n".join(parts)
+
+
+def dice_table(summary_json: Path) -> str:
+    """The Dice per class of one nnU-Net summary.json (the demo's test score)."""
+    return f"test Dice against the ground truth ({summary_json}):\n" + _table([("test", _dice_row(summary_json))])
+
+
+def score(zip_path: Path, ground_truth: Dict[str, Path], out_json: Path, num_processes: int = 1) -> dict:
+    """Dice per class of the predictions in `zip_path` (the submission's names) against the ground
+    truth files (case -> file), by nnU-Net's compute_metrics_on_folder_simple; written atomically."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+
+    from nnunet_heart_ext.pipeline.options import PipelineError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pred, ref = Path(tmp) / "pred", Path(tmp) / "ref"
+        ref.mkdir()
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(pred)
+        for f in sorted(pred.iterdir()):
+            case = ds.SUBMISSION.case(f.name)
+            if case is None:
+                raise PipelineError(f"{zip_path}: {f.name} is not a submission file name ({ds.SUBMISSION.example})")
+            if case not in ground_truth:
+                raise PipelineError(f"no ground truth for {f.name} of {zip_path}")
+            os.rename(f, pred / ds.PREDICTION.name(case))
+            os.symlink(Path(ground_truth[case]).absolute(), ref / ds.PREDICTION.name(case))
+        tmp_json = Path(tmp) / "summary.json"
+        compute_metrics_on_folder_simple(str(ref), str(pred), list(ds.CLASSES), str(tmp_json),
+                                         num_processes=num_processes)
+        write_text(tmp_json.read_text(), Path(out_json))
+    print(dice_table(Path(out_json)), flush=True)
+    return json.loads(Path(out_json).read_text())
+
+
+# ----------------------------------------------------------------------------- closing summary
+def summary(ctx, timings: Dict[str, tuple]) -> str:
+    """Steps with seconds and state, validation Dice, the demo's test Dice, the submission."""
+    lines = ["", "================ summary ================", f"{'step':<12} {'seconds':>10}  state"]
+    for name, (seconds, state) in timings.items():
+        lines.append(f"{name:<12} {seconds:>10.0f}  {state}")
+    model_dirs = [ctx.model_dir(c) for c in ctx.o.configs]
+    lines += ["", validation_summary(model_dirs, ctx.o.folds)]
+    if ctx.o.demo and ctx.o.test_dice.is_file():
+        lines += ["", dice_table(ctx.o.test_dice)]
+    if ctx.o.out.is_file():
+        lines += ["", f"submission: {ctx.o.out}"]
+    return "\n".join(lines)
+
