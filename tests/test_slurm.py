@@ -12,6 +12,7 @@ The daemons run from a temporary folder and are stopped by their own process ids
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,7 +157,11 @@ def test_killed_follower_and_cut_fold_resume_without_double_submission(demo, clu
     assert "submitted job" not in third.stdout and "not submitted again" in third.stdout
     status = _run(setup, args + ["--status"]).stdout  # the queued and running jobs, beside each step
     fold1_job = _records(work)[-2]["job"]
-    assert any(line.startswith("train ") and f"[slurm: {fold1_job} " in line for line in status.splitlines()), status
+    # the train line names the resubmitted fold's job among the live ones (fold 0's first task may still be
+    # validating, and is listed too)
+    train_jobs = [line.split("[slurm: ", 1)[1] for line in status.splitlines()
+                  if line.startswith("train ") and "[slurm: " in line]
+    assert train_jobs and re.search(rf"(^|, ){re.escape(fold1_job)} ", train_jobs[0]), status
     _run(setup, args + ["--wait"])  # follows the queued jobs to their end
 
     records = _records(work)
