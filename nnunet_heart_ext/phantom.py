@@ -273,6 +273,13 @@ def _plan(n_train: int, n_test: int, seed: int) -> Dict[int, dict]:
     return plan
 
 
+def calcified_training_cases(n_train: int = 8, n_test: int = 4, seed: int = 0) -> list:
+    """Case ids (`patientNNNN`) of the training cases that `make_phantom(..., n_train, n_test, seed)`
+    draws with calcifications. Reads nothing."""
+    return sorted(ds.case_id(case) for case, entry in _plan(n_train, n_test, seed).items()
+                  if entry["calcified"] and case <= n_train)
+
+
 def _files(out: Path, n_train: int, n_test: int, seed: int) -> Dict[int, dict]:
     """_plan with each case's image and label path under `out`."""
     plan = _plan(n_train, n_test, seed)

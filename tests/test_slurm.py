@@ -78,7 +78,7 @@ def _prepared_copy(demo_work: Path, work: Path) -> None:
 def demo(setup):
     work = setup["root"] / "demo"
     args = ["bash", str(SCRIPT), "--demo", "--src", str(setup["src"]), "--trainer", "PipelineTestTrainer",
-            "--work", str(work), "--parallel", "1", "--launcher", "slurm",
+            "--work", str(work), "--folds", "0,1", "--parallel", "1", "--launcher", "slurm",
             "--slurm-args", "--time=90 --comment=heart-ci"]
     started = time.time()
     p = _run(setup, args + ["--wait"])

@@ -20,8 +20,33 @@ LAUNCHERS = ("local", "slurm")
 WORK_DEFAULT, DEMO_WORK_DEFAULT = "nnunet_data", "nnunet_demo"
 LOGS, PREDICTIONS, PHANTOM, SLURM = "logs", "predictions", "phantom", "slurm"
 SUBMISSION, TEST_DICE = "predict.zip", "test_dice.json"
-DEMO = dict(n_train=8, n_test=4, folds="0,1", parallel=2, planner="HeartDemoPlanner", plans="HeartDemoPlans",
+DEMO = dict(n_train=8, n_test=4, folds="0", parallel=1, planner="HeartDemoPlanner", plans="HeartDemoPlans",
             trainer="HeartTrainer_demo")
+SPLIT_SEED, N_FOLDS = 12345, 5  # nnUNetTrainer.do_split's default split
+
+
+def nnunet_split(cases: List[str]) -> List[dict]:
+    """nnU-Net's default 5-fold split of these training cases, as nnUNetTrainer.do_split makes it when
+    splits_final.json is missing (generate_crossval_split of the sorted ids, seed 12345)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    return generate_crossval_split(sorted(cases), seed=SPLIT_SEED, n_splits=N_FOLDS)
+
+
+def demo_fold(seed: int) -> int:
+    """The fold the demo trains: the first whose validation cases (nnU-Net's default split of the
+    phantom's training cases) include a calcified one, so that every label is in the validation.
+    nnUNetv2_find_best_configuration ranks models by the mean foreground Dice of the validation
+    cases; a label absent from all of them makes that mean NaN and the command fails (IndexError)."""
+    from nnunet_heart_ext import dataset as ds
+    from nnunet_heart_ext.phantom import calcified_training_cases
+
+    calcified = set(calcified_training_cases(DEMO["n_train"], DEMO["n_test"], seed))
+    cases = [ds.case_id(i) for i in range(1, DEMO["n_train"] + 1)]
+    for fold, split in enumerate(nnunet_split(cases)):
+        if calcified & {str(c) for c in split["val"]}:
+            return fold
+    return int(DEMO["folds"])
 
 USAGE = """\
 Usage: bash ensemble_pipeline.sh --src DIR [options]        (the same as: nnunet-heart pipeline ...)
@@ -64,15 +89,17 @@ Options (environment variable in brackets; flags win):
   --plans NAME       plans identifier the planner writes (default: HeartPlans) [HEART_PLANS]
   --device cuda|cpu  (default: cuda; cpu with --demo) [HEART_DEVICE]
   --gpus LIST        GPU ids, one fold per GPU at a time (default: every visible GPU) [HEART_GPUS]
-  --parallel N       with --device cpu: folds trained at once (default: 1; 2 with --demo) [HEART_PARALLEL]
+  --parallel N       with --device cpu: folds trained at once (default: 1; nnUNetv2_train on the CPU
+                     already uses every core) [HEART_PARALLEL]
   --checkpoint NAME  checkpoint used for prediction (default: checkpoint_final.pth) [HEART_CHECKPOINT]
   --no-tta           predict without mirroring (8x fewer network passes; on with --demo) [HEART_NO_TTA=1]
   --only STEP[,..]   run just these steps (e.g. --only train --folds 3)
   --force STEP       redo STEP and every step after it (repeatable; --only limits it to STEP)
   --skip-disk-check  do not stop when the disk estimate says preprocessing will not fit
   --demo             synthetic phantom (8 train, 4 test), CPU, HeartDemoPlanner/HeartDemoPlans,
-                     HeartTrainer_demo, folds 0,1 side by side (--parallel 2), --no-tta, then
-                     Dice per class on the test cases
+                     HeartTrainer_demo on one fold with both cores (the first fold whose validation
+                     holds a calcified case: nnUNetv2_find_best_configuration needs every label there),
+                     --no-tta, then Dice per class on the test cases
   --seed N           with --demo: the phantom's seed (default 0) [HEART_SEED]
 
 Where it runs:
@@ -234,7 +261,8 @@ def parse(argv: Optional[List[str]] = None, cwd: Optional[Path] = None) -> Optio
     o.configs = _csv(a.configs or _env("HEART_CONFIGS", "3d_fullres"))
     if not o.configs:
         raise PipelineError("--configs: no configuration given")
-    folds = _csv(a.folds or _env("HEART_FOLDS", DEMO["folds"] if o.demo else "0,1,2,3,4"))
+    demo_folds = str(demo_fold(o.seed)) if o.phantom else DEMO["folds"]
+    folds = _csv(a.folds or _env("HEART_FOLDS", demo_folds if o.demo else "0,1,2,3,4"))
     for f in folds:
         if not re.fullmatch(r"\d+", f):
             raise PipelineError(f"--folds: '{f}' is not a fold number")

@@ -306,12 +306,12 @@ class Plan(Step):
         sorted case ids, seed 12345, 5 folds), written before any training: folds started side by
         side (here or as Slurm array tasks on other nodes) then never race to create it."""
         from nnunet_heart_ext.io import write_text
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
+        from nnunet_heart_ext.pipeline.options import nnunet_split
 
         cases = self.ctx.raw.training_cases()
         if len(cases) < 5:
             return  # nnU-Net's trainer will say what is wrong
-        splits = generate_crossval_split(cases, seed=12345, n_splits=5)
+        splits = nnunet_split(cases)
         write_text(json.dumps(splits, indent=4), self.ctx.pre / ds.SPLITS_JSON)
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
