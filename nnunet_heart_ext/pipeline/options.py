@@ -261,8 +261,10 @@ def parse(argv: Optional[List[str]] = None, cwd: Optional[Path] = None) -> Optio
     o.configs = _csv(a.configs or _env("HEART_CONFIGS", "3d_fullres"))
     if not o.configs:
         raise PipelineError("--configs: no configuration given")
-    demo_folds = str(demo_fold(o.seed)) if o.phantom else DEMO["folds"]
-    folds = _csv(a.folds or _env("HEART_FOLDS", demo_folds if o.demo else "0,1,2,3,4"))
+    folds = a.folds or _env("HEART_FOLDS")
+    if folds is None:  # the demo's fold is worked out only when nobody chose folds (each Slurm job is told them)
+        folds = (str(demo_fold(o.seed)) if o.phantom else DEMO["folds"]) if o.demo else "0,1,2,3,4"
+    folds = _csv(folds)
     for f in folds:
         if not re.fullmatch(r"\d+", f):
             raise PipelineError(f"--folds: '{f}' is not a fold number")
