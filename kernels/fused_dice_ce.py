@@ -16,7 +16,8 @@ count as 0, y_kv = [t_v == k], s = smooth, a/b = Tversky's alpha/beta):
     den_k = 2 I_k + 2a (P_k - I_k) + 2b (G_k - I_k) + s      (a = b = 0.5: G_k + P_k + s)
     T_k   = n_k / max(den_k, 1e-8)       (a = b = 0.5, the default, is nnU-Net's soft Dice exactly)
     Dice  = -mean(T) over k (and b when not batch_dice); k >= 1 unless do_bg
-    CE    = sum_bv m (logsumexp_k x_kv - x_{t_v,v}) / sum_bv m     (0 when every voxel is ignored)
+    CE    = sum_bv m w_{t_v} (logsumexp_k x_kv - x_{t_v,v}) / sum_bv m w_{t_v}
+            (w: CrossEntropyLoss's class weights, all 1 by default; 0 when the denominator is 0)
     loss  = weight_ce * CE + weight_dice * Dice
 
     gradient, with g_kv = m (A_k y_kv + B_k),  A_k = dloss/dI_k,  B_k = dloss/dP_k,
@@ -24,7 +25,7 @@ count as 0, y_kv = [t_v == k], s = smooth, a/b = Tversky's alpha/beta):
     A_k = -f (2 den_k - 2c n_k) / den_k^2,   B_k = f 2a n_k / den_k^2
           (clamped den_k < 1e-8: A_k = -2f / 1e-8, B_k = 0; A = B = 0 for the background
           when not do_bg)
-    dloss/dx_kv = p_kv (g_kv - sum_j p_jv g_jv) + m weight_ce (p_kv - y_kv) / sum_v m
+    dloss/dx_kv = p_kv (g_kv - sum_j p_jv g_jv) + m w_{t_v} weight_ce (p_kv - y_kv) / sum_bv m w_{t_v}
 
 Passes: pass 1 (forward) reads logits and labels and writes only per-program partial sums of
 I, P, G and the CE sum; a one-program finalize kernel turns them into the loss and the
@@ -90,8 +91,8 @@ def _load_tile(x_ptr, t_ptr, start, b, N, ignore_label, C: tl.constexpr, C_PAD: 
 
 
 @triton.jit
-def _sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_PAD: tl.constexpr,
-                 BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr):
+def _sums_kernel(x_ptr, t_ptr, w_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_PAD: tl.constexpr,
+                 BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """Pass 1: partial[b, q, k, program] = this program's I_k, P_k, G_k (q = 0, 1, 2) and CE sum
     (q = 3, k = 0) over the tiles pid, pid + programs, ... of sample b."""
     pid = tl.program_id(0)
@@ -102,6 +103,8 @@ def _sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_
     pred = tl.zeros((C_PAD,), tl.float32)
     gt = tl.zeros((C_PAD,), tl.float32)
     ce = tl.zeros((C_PAD,), tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + classes, mask=classes < C, other=0.0)
     for start in range(pid * BLOCK, N, programs * BLOCK):
         x, p, is_label, valid, lse, offsets, in_tile = _load_tile(
             x_ptr, t_ptr, start, b, N, ignore_label, C, C_PAD, BLOCK, HAS_IGNORE)
@@ -110,7 +113,10 @@ def _sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_
         pred += tl.sum(p, axis=1)
         gt += tl.sum(tl.where(is_label & valid[None, :], 1.0, 0.0), axis=1)
         x_label = tl.sum(tl.where(is_label, x, 0.0), axis=0)
-        ce += tl.where(classes == 0, tl.sum(tl.where(valid, lse - x_label, 0.0), axis=0), 0.0)
+        ce_v = lse - x_label
+        if HAS_WEIGHT:
+            ce_v = ce_v * tl.sum(tl.where(is_label, w[:, None], 0.0), axis=0)
+        ce += tl.where(classes == 0, tl.sum(tl.where(valid, ce_v, 0.0), axis=0), 0.0)
     out = partial_ptr + b * 4 * C_PAD * programs + classes * programs + pid
     tl.store(out, inter)
     tl.store(out + C_PAD * programs, pred)
@@ -119,9 +125,9 @@ def _sums_kernel(x_ptr, t_ptr, partial_ptr, N, ignore_label, C: tl.constexpr, C_
 
 
 @triton.jit
-def _finalize_kernel(partial_ptr, loss_ptr, coef_ptr, B, P, smooth, alpha, beta, weight_ce, weight_dice,
+def _finalize_kernel(partial_ptr, w_ptr, loss_ptr, coef_ptr, B, P, smooth, alpha, beta, weight_ce, weight_dice,
                      C: tl.constexpr, C_PAD: tl.constexpr, B_PAD: tl.constexpr, P_BLOCK: tl.constexpr,
-                     BATCH_DICE: tl.constexpr, FIRST: tl.constexpr):
+                     BATCH_DICE: tl.constexpr, FIRST: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """One program: sums over the P partials, then loss_ptr[0] = loss and
     coef[b] = (A_k, B_k, (ce_scale, 0, ...)) as in the module docstring."""
     bs = tl.arange(0, B_PAD)
@@ -142,7 +148,11 @@ def _finalize_kernel(partial_ptr, loss_ptr, coef_ptr, B, P, smooth, alpha, beta,
     pred = tl.sum(pred, axis=2)
     gt = tl.sum(gt, axis=2)
     ce = tl.sum(ce, axis=2)
-    n_valid = tl.sum(tl.sum(gt, axis=1), axis=0)  # each valid voxel has exactly one label
+    if HAS_WEIGHT:  # the CE's denominator: sum of the class weights of the valid voxels' labels
+        w = tl.load(w_ptr + classes, mask=classes < C, other=0.0)
+        n_valid = tl.sum(tl.sum(gt * w[None, :], axis=1), axis=0)
+    else:
+        n_valid = tl.sum(tl.sum(gt, axis=1), axis=0)  # each valid voxel has exactly one label
     ce_total = tl.sum(tl.sum(ce, axis=1), axis=0)
     term = (bs[:, None] < B) & (classes[None, :] < C) & (classes[None, :] >= FIRST)
     count = term
@@ -174,9 +184,10 @@ def _finalize_kernel(partial_ptr, loss_ptr, coef_ptr, B, P, smooth, alpha, beta,
 
 
 @triton.jit
-def _grad_kernel(x_ptr, t_ptr, coef_ptr, grad_output_ptr, grad_ptr, N, ignore_label, C: tl.constexpr,
-                 C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """Pass 2: grad = grad_output * (p (g - sum_j p_j g_j) + ce_scale (p - y)) on valid voxels,
+def _grad_kernel(x_ptr, t_ptr, w_ptr, coef_ptr, grad_output_ptr, grad_ptr, N, ignore_label, C: tl.constexpr,
+                 C_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 ROUND_BF16: tl.constexpr):
+    """Pass 2: grad = grad_output * (p (g - sum_j p_j g_j) + ce_scale w_t (p - y)) on valid voxels,
     g = A_k y + B_k, with coef[b] = (A_k, B_k, (ce_scale, 0, ...))."""
     b = tl.program_id(1).to(tl.int64)
     x, p, is_label, valid, lse, offsets, in_tile = _load_tile(
@@ -189,7 +200,11 @@ def _grad_kernel(x_ptr, t_ptr, coef_ptr, grad_output_ptr, grad_ptr, N, ignore_la
     scale = tl.load(grad_output_ptr).to(tl.float32)
     g = tl.where(is_label, a[:, None], 0.0) + bb[:, None]
     pg = tl.sum(p * g, axis=0)
-    grad = p * (g - pg[None, :]) + ce_scale * (p - tl.where(is_label, 1.0, 0.0))
+    ce_grad = p - tl.where(is_label, 1.0, 0.0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + classes, mask=classes < C, other=0.0)
+        ce_grad = ce_grad * tl.sum(tl.where(is_label, w[:, None], 0.0), axis=0)[None, :]
+    grad = p * (g - pg[None, :]) + ce_scale * ce_grad
     grad = tl.where(valid[None, :], grad * scale, 0.0)
     if ROUND_BF16:
         # round to nearest even by hand: Triton's interpreter truncates fp32 -> bf16 casts
@@ -203,16 +218,26 @@ def _block(c_pad: int, tile_elements: int) -> int:
     return max(128, tile_elements // c_pad)
 
 
+def _weight_tensor(options, device):
+    """The CE class weights as a (C,) fp32 tensor for the kernels, or a placeholder when there are none."""
+    if options["ce_weight"] is None:
+        return torch.empty(1, device=device, dtype=torch.float32)
+    return torch.tensor(options["ce_weight"], device=device, dtype=torch.float32)
+
+
 def _forward_triton(x, labels, ignore_label, options):
     """Pass 1 and the finalize kernel: (loss, coef) with coef (B, 3, C_PAD) fp32."""
     B, C, N = x.shape
+    w = _weight_tensor(options, x.device)
+    has_weight = options["ce_weight"] is not None
     c_pad = triton.next_power_of_2(C)
     block = _block(c_pad, LAUNCH["sums_tile_elements"])
     programs = max(1, min(triton.cdiv(N, block), LAUNCH["max_programs"]))
     ignore = 0 if ignore_label is None else int(ignore_label)
     partial = torch.empty((B, 4, c_pad, programs), device=x.device, dtype=torch.float32)
-    _sums_kernel[(programs, B)](x, labels, partial, N, ignore, C=C, C_PAD=c_pad, BLOCK=block,
-                                HAS_IGNORE=ignore_label is not None, num_warps=LAUNCH["sums_num_warps"])
+    _sums_kernel[(programs, B)](x, labels, w, partial, N, ignore, C=C, C_PAD=c_pad, BLOCK=block,
+                                HAS_IGNORE=ignore_label is not None, HAS_WEIGHT=has_weight,
+                                num_warps=LAUNCH["sums_num_warps"])
     if options["batch_dice"] and options["ddp"] and _ddp_active():
         # the all-reduce sits between the passes: the finalize maths in torch (rare: multi-GPU)
         sums = partial.sum(3)
@@ -224,21 +249,23 @@ def _forward_triton(x, labels, ignore_label, options):
     coef = torch.empty((B, 3, c_pad), device=x.device, dtype=torch.float32)  # every entry is written
     b_pad = triton.next_power_of_2(B)
     p_block = max(1, min(triton.next_power_of_2(programs), 2048 // (b_pad * c_pad)))
-    _finalize_kernel[(1,)](partial, loss, coef, B, programs, options["smooth"], options["alpha"], options["beta"],
+    _finalize_kernel[(1,)](partial, w, loss, coef, B, programs, options["smooth"], options["alpha"], options["beta"],
                            options["weight_ce"], options["weight_dice"], C=C, C_PAD=c_pad, B_PAD=b_pad,
-                           P_BLOCK=p_block, BATCH_DICE=options["batch_dice"], FIRST=0 if options["do_bg"] else 1)
+                           P_BLOCK=p_block, BATCH_DICE=options["batch_dice"], FIRST=0 if options["do_bg"] else 1,
+                           HAS_WEIGHT=has_weight)
     return loss, coef
 
 
-def _grad_triton(x, labels, ignore_label, coef, grad_output):
+def _grad_triton(x, labels, ignore_label, coef, grad_output, options):
     B, C, N = x.shape
     c_pad = triton.next_power_of_2(C)
     block = _block(c_pad, LAUNCH["grad_tile_elements"])
     grad = torch.empty_like(x)
     _grad_kernel[(triton.cdiv(N, block), B)](
-        x, labels, coef, grad_output.to(torch.float32).reshape(1), grad, N,
+        x, labels, _weight_tensor(options, x.device), coef, grad_output.to(torch.float32).reshape(1), grad, N,
         0 if ignore_label is None else int(ignore_label), C=C, C_PAD=c_pad, BLOCK=block,
-        HAS_IGNORE=ignore_label is not None, ROUND_BF16=x.dtype == torch.bfloat16,
+        HAS_IGNORE=ignore_label is not None, HAS_WEIGHT=options["ce_weight"] is not None,
+        ROUND_BF16=x.dtype == torch.bfloat16,
         num_warps=LAUNCH["grad_num_warps"])
     return grad
 
@@ -262,18 +289,23 @@ def _forward_torch(x, labels, ignore_label, needs_grad, options):
     inter = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], (p_label * weight)[:, 0])
     pred = torch.bmm(p, weight.transpose(1, 2))[..., 0]
     gt = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], weight[:, 0])
-    ce_sum = -(log_p_label * weight).sum((1, 2))
+    ce_weight = weight  # m w_t: the CE's weight of each voxel
+    if options["ce_weight"] is not None:
+        w_label = torch.tensor(options["ce_weight"], dtype=compute, device=x.device)[labels]  # (B, 1, N)
+        ce_weight = weight * w_label
+    ce_sum = -(log_p_label * ce_weight).sum((1, 2))
     loss, a, b, ce_scale = _loss_and_coefficients(torch.stack((inter, pred, gt), 1), ce_sum, **options)
     if not needs_grad:
         return loss, None
-    # dloss/dx = p (B_k + ce_scale - sum_j p_j g_j) + [k == t] (p_t A_t - ce_scale), times m
+    # dloss/dx = p (B_k + ce_scale w_t - sum_j p_j g_j) + [k == t] (p_t A_t - ce_scale w_t), times m
     a_label = a.to(compute).gather(1, labels[:, 0]).unsqueeze(1)
     b = b.to(compute).unsqueeze(1)  # (B, 1, C)
     pg = torch.bmm(b, p).add_(p_label * a_label)  # sum_j p_j g_j, (B, 1, N)
-    grad = p * (b.transpose(1, 2) + ce_scale)
+    ce_v = ce_scale if options["ce_weight"] is None else ce_scale * w_label  # (B, 1, N) when weighted
+    grad = p * (b.transpose(1, 2) + ce_v)
     grad.addcmul_(p, pg, value=-1.0)
     del p
-    grad.scatter_add_(1, labels, p_label * a_label - ce_scale)
+    grad.scatter_add_(1, labels, p_label * a_label - ce_v)
     if mask is not None:
         grad.mul_(mask)
     return loss, grad
@@ -283,11 +315,15 @@ def _ddp_active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _loss_and_coefficients(sums, ce_sum, *, batch_dice, do_bg, smooth, alpha, beta, weight_ce, weight_dice, ddp):
+def _loss_and_coefficients(sums, ce_sum, *, batch_dice, do_bg, smooth, alpha, beta, weight_ce, weight_dice, ddp,
+                           ce_weight):
     """Loss value, gradient coefficients A, B (B, C) and the CE scale, from the (B, 3, C) sums
     I, P, G and the (B,) CE sums (see the module docstring). The torch path's maths, and the
     Triton path's under DDP (the finalize kernel's otherwise)."""
-    n_valid = sums[:, 2].sum()  # each valid voxel has exactly one label
+    if ce_weight is None:
+        n_valid = sums[:, 2].sum()  # each valid voxel has exactly one label
+    else:  # the sum of the class weights of the valid voxels' labels
+        n_valid = (sums[:, 2] * torch.tensor(ce_weight, dtype=sums.dtype, device=sums.device)).sum()
     world = 1
     if batch_dice:
         sums = sums.sum(0)
@@ -322,7 +358,7 @@ class _FusedDiceCEFunction(torch.autograd.Function):
         B, C = logits.shape[:2]
         x = logits.reshape(B, C, -1).contiguous()
         labels = labels.reshape(B, -1).contiguous()
-        ctx.use_triton, ctx.ignore_label, ctx.shape = use_triton, ignore_label, logits.shape
+        ctx.use_triton, ctx.ignore_label, ctx.shape, ctx.options = use_triton, ignore_label, logits.shape, options
         ctx.logits_dtype = logits.dtype
         with torch.autocast(logits.device.type, enabled=False):  # the maths picks its own precision
             if use_triton:
@@ -339,7 +375,7 @@ class _FusedDiceCEFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.use_triton:
             x, labels, coef = ctx.saved_tensors
-            grad = _grad_triton(x, labels, ctx.ignore_label, coef, grad_output)
+            grad = _grad_triton(x, labels, ctx.ignore_label, coef, grad_output, ctx.options)
         else:
             grad, = ctx.saved_tensors
             grad = (grad * grad_output).to(ctx.logits_dtype)  # one rounding
@@ -377,24 +413,31 @@ def _check_and_pick_backend(logits, target, do_bg, backend):
 def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool, do_bg: bool = False,
                   smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0,
                   ignore_label: int = None, ddp: bool = False, alpha: float = 0.5, beta: float = 0.5,
-                  backend: str = "auto") -> torch.Tensor:
+                  ce_weight=None, backend: str = "auto") -> torch.Tensor:
     """nnU-Net's Dice + CE loss of `logits` (B, C, *spatial) against integer labels `target`
     (B, 1, *spatial) or (B, *spatial), any real or integer dtype. Returns a 0-d fp32 tensor
     (fp64 for fp64 logits). `alpha`, `beta`: Tversky's weights of false positives and false
-    negatives (0.5, 0.5: Dice). `backend`: "auto" (Triton on CUDA, and on CPU when
-    TRITON_INTERPRET=1; torch otherwise and where Triton does not import), "triton" or "torch"."""
+    negatives (0.5, 0.5: Dice). `ce_weight`: the cross-entropy's class weights (C values >= 0,
+    as torch's CrossEntropyLoss(weight=...): a weighted mean over the voxels), None for none.
+    `backend`: "auto" (Triton on CUDA, and on CPU when TRITON_INTERPRET=1; torch otherwise and
+    where Triton does not import), "triton" or "torch"."""
     target, use_triton = _check_and_pick_backend(logits, target, do_bg, backend)
     if not (alpha >= 0 and beta >= 0 and alpha + beta > 0):
         raise ValueError(f"fused_dice_ce: alpha and beta must be >= 0 and not both 0, got {alpha}, {beta}")
+    if ce_weight is not None:
+        ce_weight = tuple(float(w) for w in (ce_weight.tolist() if torch.is_tensor(ce_weight) else ce_weight))
+        if len(ce_weight) != logits.shape[1] or not all(w >= 0 for w in ce_weight):
+            raise ValueError(f"fused_dice_ce: ce_weight must hold {logits.shape[1]} values >= 0 (one per class), "
+                             f"got {ce_weight}")
     options = dict(batch_dice=batch_dice, do_bg=do_bg, smooth=float(smooth), alpha=float(alpha), beta=float(beta),
-                   weight_ce=float(weight_ce), weight_dice=float(weight_dice), ddp=ddp)
+                   weight_ce=float(weight_ce), weight_dice=float(weight_dice), ddp=ddp, ce_weight=ce_weight)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return _FusedDiceCEFunction.apply(logits, target, use_triton, ignore_label, needs_grad, options)
 class FusedDiceCELoss(nn.Module):
     """Drop-in for nnU-Net's `DC_and_CE_loss(soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice,
     ignore_label, dice_class=MemoryEfficientSoftDiceLoss)`: same arguments, value and gradient.
     `soft_dice_kwargs` takes batch_dice, do_bg, smooth, ddp (nnU-Net's defaults: do_bg=True,
-    smooth=1.0, ddp=True); `ce_kwargs` must be plain CrossEntropyLoss (no weight, no smoothing).
+    smooth=1.0, ddp=True); `ce_kwargs` may hold CrossEntropyLoss's class `weight` (no smoothing).
     `alpha`, `beta` (keyword only) make the Dice term Tversky's (false positives weighted by alpha,
     false negatives by beta; 0.5 and 0.5 are the Dice of nnU-Net, smoothing included)."""
 
@@ -407,7 +450,7 @@ class FusedDiceCELoss(nn.Module):
         unsupported = {k: v for k, v in ce_kwargs.items()
                        if not (k == "ignore_index" and v in (ignore_label, -100))
                        and not (k == "reduction" and v == "mean")
-                       and not (k == "weight" and v is None) and not (k == "label_smoothing" and v == 0)}
+                       and k != "weight" and not (k == "label_smoothing" and v == 0)}
         if unsupported:
             raise ValueError(f"FusedDiceCELoss: unsupported ce_kwargs {unsupported}")
         self.batch_dice = soft_dice_kwargs.get("batch_dice", False)
@@ -419,6 +462,9 @@ class FusedDiceCELoss(nn.Module):
         self.ignore_label = ignore_label
         self.alpha = alpha
         self.beta = beta
+        weight = ce_kwargs.get("weight")
+        self.ce_weight = None if weight is None else tuple(
+            float(w) for w in (weight.tolist() if torch.is_tensor(weight) else weight))
 
     @classmethod
     def from_nnunet(cls, loss) -> "FusedDiceCELoss":
@@ -426,18 +472,20 @@ class FusedDiceCELoss(nn.Module):
         MemoryEfficientSoftDiceLoss (its Dice part may be torch.compile'd)."""
         dc = getattr(loss.dc, "_orig_mod", loss.dc)
         ce = loss.ce
-        if type(dc).__name__ != "MemoryEfficientSoftDiceLoss" or ce.weight is not None or ce.label_smoothing:
-            raise ValueError(f"FusedDiceCELoss.from_nnunet: only MemoryEfficientSoftDiceLoss with a plain "
-                             f"cross-entropy is fused, got {type(dc).__name__} and {ce}")
-        return cls({"batch_dice": dc.batch_dice, "do_bg": dc.do_bg, "smooth": dc.smooth, "ddp": dc.ddp}, {},
+        if type(dc).__name__ != "MemoryEfficientSoftDiceLoss" or ce.label_smoothing:
+            raise ValueError(f"FusedDiceCELoss.from_nnunet: only MemoryEfficientSoftDiceLoss with a "
+                             f"cross-entropy without label smoothing is fused, got {type(dc).__name__} and {ce}")
+        return cls({"batch_dice": dc.batch_dice, "do_bg": dc.do_bg, "smooth": dc.smooth, "ddp": dc.ddp},
+                   {} if ce.weight is None else {"weight": ce.weight},
                    weight_ce=loss.weight_ce, weight_dice=loss.weight_dice, ignore_label=loss.ignore_label)
 
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return fused_dice_ce(net_output, target, batch_dice=self.batch_dice, do_bg=self.do_bg, smooth=self.smooth,
                              weight_ce=self.weight_ce, weight_dice=self.weight_dice,
-                             ignore_label=self.ignore_label, ddp=self.ddp, alpha=self.alpha, beta=self.beta)
+                             ignore_label=self.ignore_label, ddp=self.ddp, alpha=self.alpha, beta=self.beta,
+                             ce_weight=self.ce_weight)
 
     def extra_repr(self) -> str:
         return (f"batch_dice={self.batch_dice}, do_bg={self.do_bg}, smooth={self.smooth}, ddp={self.ddp}, "
                 f"weight_ce={self.weight_ce}, weight_dice={self.weight_dice}, ignore_label={self.ignore_label}, "
-                f"alpha={self.alpha}, beta={self.beta}")
+                f"alpha={self.alpha}, beta={self.beta}, ce_weight={self.ce_weight}")

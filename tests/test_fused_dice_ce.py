@@ -36,8 +36,10 @@ PATH_IDS = [f"{d}-{b}" for d, b in PATHS]
 AMP_GRAD_OUTPUT = 2.0 ** 16 * 0.5333
 
 
-def nnunet_loss(logits, target, *, batch_dice, do_bg, ignore_label=None, weight_ce=1.0, weight_dice=1.0):
-    return DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": do_bg, "ddp": False}, {},
+def nnunet_loss(logits, target, *, batch_dice, do_bg, ignore_label=None, weight_ce=1.0, weight_dice=1.0,
+                ce_weight=None):
+    ce_kwargs = {} if ce_weight is None else {"weight": torch.tensor(ce_weight, dtype=torch.float64)}
+    return DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": do_bg, "ddp": False}, ce_kwargs,
                           weight_ce=weight_ce, weight_dice=weight_dice, ignore_label=ignore_label,
                           dice_class=MemoryEfficientSoftDiceLoss)
 
@@ -290,7 +292,10 @@ def test_module_mirrors_dc_and_ce_loss_arguments():
                                                                                            target.double())
     assert abs(value.item() - ref.item()) / abs(ref.item()) <= 1e-5  # smooth 1.0, do_bg True, like nnU-Net's
     with pytest.raises(ValueError, match="ce_kwargs"):
-        FusedDiceCELoss({}, {"weight": torch.ones(4)})
+        FusedDiceCELoss({}, {"label_smoothing": 0.1})
+    weighted = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                              {"weight": torch.tensor([1.0, 2.0, 3.0, 30.0])}, dice_class=MemoryEfficientSoftDiceLoss)
+    assert FusedDiceCELoss.from_nnunet(weighted).ce_weight == (1.0, 2.0, 3.0, 30.0)
     with pytest.raises(ValueError, match="soft_dice_kwargs"):
         FusedDiceCELoss({"clip_tp": 0.1}, {})
 
@@ -391,24 +396,28 @@ from nnunet_heart_ext.kernels import fused_dice_ce as f
 target = GPUTarget("cuda", 90, 32)
 for x in ("*fp16", "*bf16", "*fp32"):
     for t in ("*i16", "*fp32"):
-        sums = {"x_ptr": x, "t_ptr": t, "partial_ptr": "*fp32", "N": "i32", "ignore_label": "i32", "C": "constexpr",
-                "C_PAD": "constexpr", "BLOCK": "constexpr", "HAS_IGNORE": "constexpr"}
-        grad = {"x_ptr": x, "t_ptr": t, "coef_ptr": "*fp32", "grad_output_ptr": "*fp32", "grad_ptr": x, "N": "i32",
-                "ignore_label": "i32", "C": "constexpr", "C_PAD": "constexpr", "BLOCK": "constexpr",
-                "HAS_IGNORE": "constexpr", "ROUND_BF16": "constexpr"}
+        sums = {"x_ptr": x, "t_ptr": t, "w_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "ignore_label": "i32",
+                "C": "constexpr", "C_PAD": "constexpr", "BLOCK": "constexpr", "HAS_IGNORE": "constexpr",
+                "HAS_WEIGHT": "constexpr"}
+        grad = {"x_ptr": x, "t_ptr": t, "w_ptr": "*fp32", "coef_ptr": "*fp32", "grad_output_ptr": "*fp32",
+                "grad_ptr": x, "N": "i32", "ignore_label": "i32", "C": "constexpr", "C_PAD": "constexpr",
+                "BLOCK": "constexpr", "HAS_IGNORE": "constexpr", "HAS_WEIGHT": "constexpr", "ROUND_BF16": "constexpr"}
+        weighted = t == "*fp32"  # each kernel compiled with and without class weights
         for fn, signature, constexprs in [
-                (f._sums_kernel, sums, {"C": 4, "C_PAD": 4, "BLOCK": 1024, "HAS_IGNORE": t == "*fp32"}),
+                (f._sums_kernel, sums, {"C": 4, "C_PAD": 4, "BLOCK": 1024, "HAS_IGNORE": t == "*fp32",
+                                        "HAS_WEIGHT": weighted}),
                 (f._grad_kernel, grad, {"C": 4, "C_PAD": 4, "BLOCK": 1024, "HAS_IGNORE": t == "*fp32",
-                                        "ROUND_BF16": x == "*bf16"})]:
+                                        "HAS_WEIGHT": weighted, "ROUND_BF16": x == "*bf16"})]:
             assert triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                   target=target).asm["cubin"]
             print("compiled", fn.__name__, x, t)
-final = {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32", "B": "i32", "P": "i32", "smooth": "fp32",
-         "alpha": "fp32", "beta": "fp32", "weight_ce": "fp32", "weight_dice": "fp32", "C": "constexpr",
-         "C_PAD": "constexpr", "B_PAD": "constexpr", "P_BLOCK": "constexpr", "BATCH_DICE": "constexpr",
-         "FIRST": "constexpr"}
+final = {"partial_ptr": "*fp32", "w_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32", "B": "i32", "P": "i32",
+         "smooth": "fp32", "alpha": "fp32", "beta": "fp32", "weight_ce": "fp32", "weight_dice": "fp32",
+         "C": "constexpr", "C_PAD": "constexpr", "B_PAD": "constexpr", "P_BLOCK": "constexpr",
+         "BATCH_DICE": "constexpr", "FIRST": "constexpr", "HAS_WEIGHT": "constexpr"}
 for batch_dice in (True, False):
-    constexprs = {"C": 4, "C_PAD": 4, "B_PAD": 2, "P_BLOCK": 256, "BATCH_DICE": batch_dice, "FIRST": 1}
+    constexprs = {"C": 4, "C_PAD": 4, "B_PAD": 2, "P_BLOCK": 256, "BATCH_DICE": batch_dice, "FIRST": 1,
+                  "HAS_WEIGHT": batch_dice}
     assert triton.compile(ASTSource(fn=f._finalize_kernel, signature=final, constexprs=constexprs),
                           target=target).asm["cubin"]
     print("compiled _finalize_kernel", batch_dice)
@@ -433,9 +442,10 @@ def test_kernels_compile_for_a_gpu_without_one():
 
 # ------------------------------------------------------------------ Tversky + CE
 def tversky_reference(logits, target, *, alpha, beta, batch_dice, do_bg, smooth=1e-5, ignore_label=None,
-                      weight_ce=1.0, weight_dice=1.0):
+                      weight_ce=1.0, weight_dice=1.0, ce_weight=None):
     """Tversky + CE written out in float64 torch with autograd (not the fused maths):
-    T_k = (2 I + s) / max(2 I + 2 alpha (P - I) + 2 beta (G - I) + s, 1e-8)."""
+    T_k = (2 I + s) / max(2 I + 2 alpha (P - I) + 2 beta (G - I) + s, 1e-8); CE with class weights
+    w: sum_v m w_t ce_v / sum_v m w_t."""
     x = logits.detach().cpu().double().requires_grad_()
     t = target.cpu().long()[:, 0]
     C = x.shape[1]
@@ -451,6 +461,8 @@ def tversky_reference(logits, target, *, alpha, beta, batch_dice, do_bg, smooth=
     den = 2 * inter + 2 * alpha * (pred - inter) + 2 * beta * (gt - inter) + smooth
     tversky = (2 * inter + smooth) / den.clamp_min(1e-8)
     first = 0 if do_bg else 1
+    if ce_weight is not None:
+        mask = mask * torch.tensor(ce_weight, dtype=torch.float64)[t]
     ce_voxels = -(torch.log_softmax(x, 1) * y).sum(1) * mask
     ce = ce_voxels.sum() / mask.sum() if mask.sum() > 0 else ce_voxels.sum() * 0
     value = weight_ce * ce - weight_dice * tversky[..., first:].mean()
@@ -555,3 +567,77 @@ def test_heart_trainer_tversky_variant(monkeypatch, tmp_path):
     expected = sum(w * tversky_reference(x, t, alpha=0.3, beta=0.7, batch_dice=True, do_bg=False)[0].item()
                    for x, t, w in zip(logits, targets, loss.weight_factors) if w != 0)
     assert abs(value.item() - expected) / abs(expected) <= 1e-5
+
+
+# ---------------------------------------------------------------- class-weighted cross-entropy
+def test_heart_trainer_ce_class_weights(monkeypatch, tmp_path):
+    """ce_class_weights (label -> weight, 1 if missing) go into nnU-Net's DC_and_CE_loss as its CE's
+    weight and from there into the fused loss: same value as nnU-Net's weighted loss."""
+    pytest.importorskip("SimpleITK")  # nnUNetTrainer needs it
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    from nnunet_heart_ext.trainers import HeartTrainer
+
+    patch = np.prod(PLAN_POOLING, axis=0).tolist()
+    trainer = HeartTrainer(_plans(patch), "3d_fullres", 0, _DATASET_JSON, device=torch.device("cpu"))
+    trainer.ce_class_weights = {2: 3.0, 3: 30.0}
+    loss = trainer._build_loss()
+    assert isinstance(loss.loss, FusedDiceCELoss) and loss.loss.ce_weight == (1.0, 1.0, 3.0, 30.0)
+    logits, targets, _ = deep_supervision_case(patch, 4, 2, seed=79)
+    value = loss([x.clone() for x in logits], targets)
+    expected = sum(w * reference(x, t, batch_dice=True, do_bg=False, ce_weight=(1.0, 1.0, 3.0, 30.0))[0].item()
+                   for x, t, w in zip(logits, targets, loss.weight_factors) if w != 0)
+    assert abs(value.item() - expected) / abs(expected) <= 1e-5
+    plain = HeartTrainer(_plans(patch), "3d_fullres", 0, _DATASET_JSON, device=torch.device("cpu"))._build_loss()
+    assert plain.loss.ce_weight is None and abs(plain(logits, targets).item() - value.item()) > 1e-3
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [(2, 4, 23, 19), (2, 4, 9, 11, 13), (3, 6, 7, 10, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("batch_dice", [False, True], ids=["sample_dice", "batch_dice"])
+@pytest.mark.parametrize("ignore", [False, True], ids=["all", "ignore_label"])
+def test_class_weighted_ce_matches_nnunet(device, backend, shape, batch_dice, ignore):
+    """ce_weight is nnU-Net's DC_and_CE_loss with ce_kwargs={'weight': w} (torch's weighted mean over
+    the voxels, ignored voxels left out), value and gradient, with and without Tversky's weights."""
+    C = shape[1]
+    ignore_label = C if ignore else None
+    logits, target = random_case(shape, seed=hash((shape, batch_dice, ignore)) % 2**31, ignore_label=ignore_label)
+    ce_weight = tuple(float(w) for w in np.random.default_rng(C).uniform(0.2, 30.0, C))
+    value, grad, _ = fused(logits, target, device, backend, grad_output=AMP_GRAD_OUTPUT, batch_dice=batch_dice,
+                           ignore_label=ignore_label, ce_weight=ce_weight)
+    assert_close_fp32(value, grad, *reference(logits, target, batch_dice=batch_dice, do_bg=False,
+                                              ignore_label=ignore_label, ce_weight=ce_weight))
+    # with Tversky: against the float64 reference, with the weighted CE
+    value, grad, _ = fused(logits, target, device, backend, batch_dice=batch_dice, ignore_label=ignore_label,
+                           ce_weight=ce_weight, alpha=0.3, beta=0.7)
+    assert_close_fp32(value, grad, *tversky_reference(logits, target, batch_dice=batch_dice, do_bg=False, alpha=0.3,
+                                                      beta=0.7, ignore_label=ignore_label, ce_weight=ce_weight))
+
+
+@pytest.mark.parametrize("device,backend", PATHS, ids=PATH_IDS)
+def test_class_weighted_ce_edge_cases(device, backend):
+    """All-ones weights are the unweighted loss; a weight of 0 drops that class from the CE; weights
+    on a class absent from the batch change nothing; half precision within the fp16 tolerance."""
+    logits, target = random_case((2, 4, 9, 11, 13), seed=41)
+    plain = fused(logits, target, device, backend, batch_dice=True)
+    ones = fused(logits, target, device, backend, batch_dice=True, ce_weight=(1.0, 1.0, 1.0, 1.0))
+    assert abs(plain[0] - ones[0]) <= 1e-6 * abs(plain[0]) and torch.allclose(plain[1], ones[1], rtol=0, atol=1e-7)
+    zero = (1.0, 0.0, 2.0, 5.0)
+    assert_close_fp32(*fused(logits, target, device, backend, batch_dice=True, ce_weight=zero)[:2],
+                      *reference(logits, target, batch_dice=True, do_bg=False, ce_weight=zero))
+    absent = target.clone()
+    absent[absent == 3] = 0
+    assert_close_fp32(*fused(logits, absent, device, backend, batch_dice=False, ce_weight=(1.0, 1.0, 1.0, 50.0))[:2],
+                      *reference(logits, absent, batch_dice=False, do_bg=False, ce_weight=(1.0, 1.0, 1.0, 50.0)))
+    for dtype in (torch.float16, torch.bfloat16):
+        value, grad, grad_dtype = fused(logits.to(dtype), target, device, backend, grad_output=AMP_GRAD_OUTPUT,
+                                        batch_dice=True, ce_weight=zero)
+        ref_value, ref_grad = reference(logits.to(dtype), target, batch_dice=True, do_bg=False, ce_weight=zero)
+        assert grad_dtype == dtype and abs(value - ref_value) / abs(ref_value) <= 2e-3
+        rounded = ref_grad.to(dtype).double()
+        assert (grad - rounded).norm() / ref_grad.norm() <= 2e-3
+    with pytest.raises(ValueError, match="ce_weight"):
+        fused_dice_ce(logits, target, batch_dice=True, ce_weight=(1.0, 2.0))
+    with pytest.raises(ValueError, match="ce_weight"):
+        fused_dice_ce(logits, target, batch_dice=True, ce_weight=(1.0, -1.0, 1.0, 1.0))

@@ -174,3 +174,76 @@ def test_nnunet_da_variant_is_nnunets_path(dataset):
     batch = next(loader)
     assert "params" not in batch and batch["data"].shape[2:] == tuple(PATCH)
     assert trainer.train_step.__func__ is HeartTrainer.train_step  # passes nnU-Net's batches through
+
+
+def test_without_class_weights_the_loader_draws_as_nnunet(dataset):
+    """No foreground_class_weights: nnU-Net's case draw (uniform) and class draw (inside get_bbox)."""
+    trainer = make(HeartTrainer, dataset)
+    loader, _ = trainer.get_dataloaders()
+    heart_loader = loader.data_loader
+    assert heart_loader.class_weights is None and heart_loader.sampling_probabilities is None
+    assert heart_loader.choose_class({1: [[0, 1, 1, 1]], 2: [[0, 2, 2, 2]]}) is None
+
+
+def test_class_weights_favour_the_rare_classes(dataset):
+    """Weighted draw: each case with probability proportional to the largest weight among the classes
+    it holds (read from its class_locations), each forced-foreground sample centred on a class present
+    in the case with probability proportional to its weight."""
+    trainer = make(HeartTrainer, dataset)
+    trainer.foreground_class_weights = {1: 1.0, 2: 2.0, 3: 8.0}
+    loader, _ = trainer.get_dataloaders()
+    heart_loader = loader.data_loader
+    held = [[k for k, v in heart_loader._data.load_case(key)[3]["class_locations"].items() if len(v)]
+            for key in heart_loader.indices]
+    expected = np.array([max(trainer.foreground_class_weights[k] for k in classes) for classes in held])
+    np.testing.assert_allclose(heart_loader.sampling_probabilities, expected / expected.sum())
+
+    class Cases:  # cases holding different classes
+        identifiers = ["a", "b", "c", "d"]
+        held = dict(a=(1, 2), b=(1, 2, 3), c=(), d=(1,))
+
+        def load_case(self, key):
+            return None, None, None, {"class_locations": {k: np.ones((2 if k in self.held[key] else 0, 4))
+                                                          for k in (1, 2, 3)}}
+
+    np.testing.assert_allclose(HeartDataLoader.case_probabilities(Cases(), {2: 2.0, 3: 8.0}),
+                               np.array([2, 8, 1, 1]) / 12)
+
+    np.random.seed(0)
+    locations = {1: np.ones((5, 4)), 2: np.ones((3, 4)), 3: np.ones((1, 4))}
+    draws = np.bincount([heart_loader.choose_class(locations) for _ in range(6000)], minlength=4)[1:] / 6000
+    np.testing.assert_allclose(draws, np.array([1, 2, 8]) / 11, atol=0.02)
+    assert heart_loader.choose_class({1: np.ones((5, 4)), 2: np.zeros((0, 4)), 3: np.zeros((0, 4))}) == 1
+    assert heart_loader.choose_class({1: np.zeros((0, 4))}) is None
+
+    # the forced samples are centred on the chosen class: every batch of forced samples holds it
+    heart_loader.oversample_foreground_percent = 1.0
+    heart_loader.class_weights = {1: 1e-6, 2: 1e-6, 3: 1.0}
+    for _ in range(4):
+        batch = next(loader)
+        for key, seg in zip(batch["keys"], batch["target"]):
+            has_calcium = len(heart_loader._data.load_case(key)[3]["class_locations"][3]) > 0
+            assert not has_calcium or (seg == 3).any()
+
+
+def test_class_weights_are_checked(dataset):
+    trainer = make(HeartTrainer, dataset)
+    for bad in ({4: 1.0}, {2: 0.0}, {0: 1.0}):
+        trainer.foreground_class_weights = bad
+        with pytest.raises(ValueError, match="class_weights"):
+            trainer.get_dataloaders()
+
+
+def test_optimizer_choice(dataset):
+    trainer = make(HeartTrainer, dataset)
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.SGD)  # nnU-Net's
+    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
+        trainer.optimizer_name = name
+        optimizer, scheduler = trainer.configure_optimizers()
+        assert isinstance(optimizer, cls) and optimizer.param_groups[0]["lr"] == trainer.initial_lr
+        scheduler.step(trainer.num_epochs // 2)  # nnU-Net's poly decay either way
+        assert 0 < optimizer.param_groups[0]["lr"] < trainer.initial_lr
+    trainer.optimizer_name = "lion"
+    with pytest.raises(ValueError, match="optimizer_name"):
+        trainer.configure_optimizers()

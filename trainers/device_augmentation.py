@@ -12,6 +12,8 @@ labels fit. The trainer moves the boxes to its device and augments there
 `unsupported_reason(trainer)` says why a configuration keeps nnU-Net's CPU augmentation
 (what kernels.augment does not reproduce), or None.
 """
+from typing import Dict, Optional
+
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
@@ -42,10 +44,18 @@ class HeartDataLoader(nnUNetDataLoader):
     'params': dict of (B, ...) CPU tensors, 'keys': case ids}."""
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
-                 augmentation: DeviceAugmentation, **kwargs):
+                 augmentation: DeviceAugmentation, class_weights: Optional[Dict[int, float]] = None, **kwargs):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, transforms=None, **kwargs)
         if self.patch_size_was_2d:
             raise ValueError("HeartDataLoader cuts 3D patches only")
+        if class_weights is not None:
+            bad = {k: w for k, w in class_weights.items() if k not in label_manager.foreground_labels or not w > 0}
+            if bad:
+                raise ValueError(f"class_weights {bad}: keys must be foreground labels "
+                                 f"{label_manager.foreground_labels}, weights > 0")
+        self.class_weights = class_weights
+        if class_weights is not None and kwargs.get("sampling_probabilities") is None:
+            self.sampling_probabilities = self.case_probabilities(data, class_weights)
         self.augmentation = augmentation
         self.seg_dtype = np.int8 if max(label_manager.all_labels) <= np.iinfo(np.int8).max else np.int16
 
@@ -58,7 +68,8 @@ class HeartDataLoader(nnUNetDataLoader):
         data, target, offsets = [], [], []
         for j, (image, seg, _, properties) in enumerate(cases):
             force_fg = self.get_do_oversample(j)
-            bbox_lbs, _ = self.get_bbox(image.shape[1:], force_fg, properties["class_locations"])
+            chosen = self.choose_class(properties["class_locations"]) if force_fg else None
+            bbox_lbs, _ = self.get_bbox(image.shape[1:], force_fg, properties["class_locations"], overwrite_class=chosen)
             box = self.augmentation.sample_box(params, j, self.patch_size)
             bbox = [[lb + lo, lb + hi] for lb, (lo, hi) in zip(bbox_lbs, box)]
             data.append(torch.from_numpy(crop_and_pad_nd(image, bbox, 0, cast_cropped_to=np.float32)))
@@ -66,3 +77,31 @@ class HeartDataLoader(nnUNetDataLoader):
             offsets.append([lo for lo, _ in box])
         return {"data": data, "target": target, "offsets": offsets, "enlarged_shape": [int(i) for i in self.patch_size],
                 "params": params, "keys": keys}
+
+    @staticmethod
+    def case_probabilities(data, class_weights: Dict[int, float]) -> np.ndarray:
+        """Probability of drawing each case of `data` (in `data.identifiers` order): proportional to
+        the largest weight among the foreground classes the case holds (1 for a class without a
+        weight, and for a case without foreground), read from the preprocessed class_locations. With
+        calcium in a third of the cases and weight 6 against 1-3, half the draws are calcified cases."""
+        weights = []
+        for key in data.identifiers:
+            locations = data.load_case(key)[3]["class_locations"]
+            present = [class_weights.get(k, 1.0) for k, where in locations.items()
+                       if not isinstance(k, tuple) and len(where) > 0]
+            weights.append(max(present, default=1.0))
+        weights = np.asarray(weights, dtype=np.float64)
+        return weights / weights.sum()
+
+    def choose_class(self, class_locations: dict) -> Optional[int]:
+        """The class a forced-foreground sample is centred on: None (nnU-Net's uniform draw among the
+        classes present in the case, inside get_bbox) without `class_weights`; otherwise a class
+        present in the case drawn with probability proportional to its weight (a class without a
+        weight: 1), so that rare small classes get more of the forced samples."""
+        if self.class_weights is None:
+            return None
+        present = [k for k, where in class_locations.items() if not isinstance(k, tuple) and len(where) > 0]
+        if not present:
+            return None
+        weights = np.array([self.class_weights.get(k, 1.0) for k in present], dtype=np.float64)
+        return present[np.random.choice(len(present), p=weights / weights.sum())]

@@ -17,6 +17,8 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
@@ -39,12 +41,30 @@ class HeartTrainer(nnUNetTrainer):
     # The Dice term's Tversky weights of false positives and false negatives (0.5, 0.5: Dice).
     tversky_alpha = 0.5
     tversky_beta = 0.5
+    # Forced-foreground samples: the class each is centred on, drawn among those present in the case
+    # with these weights (label -> weight, 1 if missing). None: nnU-Net's uniform draw.
+    foreground_class_weights = None
+    # The cross-entropy's class weights (label -> weight, 1 if missing; torch's weighted mean over the
+    # voxels). None: nnU-Net's plain cross-entropy.
+    ce_class_weights = None
+    # "sgd": nnU-Net's SGD (Nesterov, momentum 0.99); "adamw": nnU-Net's nnUNetTrainerAdam (AdamW, amsgrad).
+    # Both with nnU-Net's poly learning-rate decay from initial_lr.
+    optimizer_name = "sgd"
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         if not self.test_time_mirroring:
             self.inference_allowed_mirroring_axes = None
         return settings
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return super().configure_optimizers()
+        if self.optimizer_name != "adamw":
+            raise ValueError(f"optimizer_name {self.optimizer_name!r}: 'sgd' or 'adamw'")
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                                      amsgrad=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def _build_loss(self):
         """nnU-Net's loss exactly as nnUNetTrainer builds it (settings, deep-supervision weights),
@@ -55,6 +75,11 @@ class HeartTrainer(nnUNetTrainer):
         inner = loss.loss if wrapped else loss
         if not isinstance(inner, DC_and_CE_loss):
             return loss
+        if self.ce_class_weights is not None:  # nnU-Net's own CE, given class weights
+            weights = [float(self.ce_class_weights.get(label, 1.0))
+                       for label in range(self.label_manager.num_segmentation_heads)]
+            inner.ce = RobustCrossEntropyLoss(weight=torch.tensor(weights, device=self.device),
+                                              ignore_index=inner.ce.ignore_index)
         fused = FusedDiceCELoss.from_nnunet(inner)
         fused.alpha, fused.beta = self.tversky_alpha, self.tversky_beta
         if wrapped:
@@ -87,7 +112,8 @@ class HeartTrainer(nnUNetTrainer):
         sampling = dict(oversample_foreground_percent=self.oversample_foreground_percent, sampling_probabilities=None,
                         pad_sides=None, probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = HeartDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                augmentation=self.augmentation, **sampling)
+                                augmentation=self.augmentation, class_weights=self.foreground_class_weights,
+                                **sampling)
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
                                   transforms=val_transforms, **sampling)
         self.print_to_log_file(f"HeartTrainer: training batches augmented on {self.device}; loader workers only "
