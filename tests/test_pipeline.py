@@ -608,3 +608,53 @@ def test_a_log_that_cannot_be_written_does_not_hang_the_job(tmp_path, monkeypatc
     assert time.time() - started < 60
     (record,) = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
     assert record["rc"] == 0
+
+
+def test_demo_score_is_the_dice_per_class_of_the_submission(tmp_path):
+    """The demo's `score` step (report.score): per class, the mean over the test cases of
+    2|A∩B| / (|A| + |B|), a case where a class is in neither left out (nnU-Net's NaN), a class
+    predicted where the reference has none counted as 0; computed here with numpy on random
+    label maps written as the submission's files."""
+    from nnunet_heart_ext import dataset as ds
+    from nnunet_heart_ext.pipeline.report import score
+
+    rng = np.random.default_rng(12)
+    refs, preds, truth = {}, {}, {}
+    for i in range(4):
+        case = ds.case_id(51 + i)
+        ref = rng.integers(0, 3, (6, 20, 18)).astype(np.uint8)
+        if i == 0:
+            ref[1, 2:5, 3:6] = 3  # calcium in one case only
+        pred = ref.copy()
+        flip = rng.random(ref.shape) < 0.25
+        pred[flip] = rng.integers(0, 4, int(flip.sum()))  # some calcium predicted where there is none
+        if i == 3:
+            pred[pred == 3] = 0  # a case with calcium in neither: no term
+        refs[case], preds[case] = ref, pred
+        for name, array in (("ref", ref), ("pred", pred)):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((0.8, 0.8, 2.0))
+            folder = tmp_path / name
+            folder.mkdir(exist_ok=True)
+            file = folder / (ds.SUBMISSION.name(case) if name == "pred" else ds.PREDICTION.name(case))
+            sitk.WriteImage(image, str(file))
+            if name == "ref":
+                truth[case] = file
+    with zipfile.ZipFile(tmp_path / "predict.zip", "w") as z:
+        for f in sorted((tmp_path / "pred").iterdir()):
+            z.write(f, f.name)
+    result = score(tmp_path / "predict.zip", truth, tmp_path / "test_dice.json")
+    assert json.loads((tmp_path / "test_dice.json").read_text()) == json.loads(json.dumps(result))
+    for label in (1, 2, 3):
+        dices = []
+        for case in refs:
+            a, b = refs[case] == label, preds[case] == label
+            if a.sum() + b.sum():
+                dices.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+        assert result["mean"][str(label)]["Dice"] == pytest.approx(np.mean(dices), abs=1e-9)
+    assert 0 < result["mean"]["3"]["Dice"] < 1
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
+        z.writestr("patient0051.nii.gz", b"")
+    from nnunet_heart_ext.pipeline.options import PipelineError
+    with pytest.raises(PipelineError, match="not a submission file name"):
+        score(tmp_path / "bad.zip", truth, tmp_path / "bad.json")

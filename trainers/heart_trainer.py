@@ -98,6 +98,9 @@ class HeartTrainer(nnUNetTrainer):
             if self.device_augmentation:
                 self.print_to_log_file(f"HeartTrainer: the device augmentation does not cover {reason}; "
                                        f"nnU-Net's CPU augmentation is used")
+            if self.foreground_class_weights is not None:
+                self.print_to_log_file("HeartTrainer: foreground_class_weights need HeartTrainer's loader; "
+                                       "nnU-Net's loader draws cases and classes uniformly")
             return super().get_dataloaders()
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
