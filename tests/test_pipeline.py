@@ -658,3 +658,33 @@ def test_demo_score_is_the_dice_per_class_of_the_submission(tmp_path):
     from nnunet_heart_ext.pipeline.options import PipelineError
     with pytest.raises(PipelineError, match="not a submission file name"):
         score(tmp_path / "bad.zip", truth, tmp_path / "bad.json")
+
+
+def test_best_refuses_folds_whose_validation_lacks_a_label(tmp_path):
+    """A label in no validation case of the folds (Dice NaN in every case) makes nnU-Net's
+    find_best_configuration fail with a bare IndexError: the best step says which label and what to
+    do instead, before running it; a label predicted where the reference has none (Dice 0) is fine."""
+    from nnunet_heart_ext import dataset as ds
+    from nnunet_heart_ext.pipeline.options import PipelineError, parse
+    from nnunet_heart_ext.pipeline.steps import Best, Context, labels_without_validation_dice
+
+    o = parse(["--demo", "--folds", "0,1"], cwd=tmp_path)
+    best = Best(Context(o))
+    nan = float("nan")
+
+    def write(fold, per_case):
+        summary = best.ctx.fold_dir("3d_fullres", fold) / ds.VALIDATION_FOLDER / "summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"metric_per_case": [
+            {"metrics": {str(k): {"Dice": d} for k, d in zip((1, 2, 3), dices)}} for dices in per_case]}))
+        return summary
+
+    a = write(0, [(0.9, 0.5, nan), (0.8, 0.4, nan)])
+    b = write(1, [(0.9, 0.6, nan)])
+    assert labels_without_validation_dice([a, b]) == ["3 (calcification)"]
+    with pytest.raises(PipelineError, match=r"label 3 \(calcification\) is in no validation case of fold\(s\) 0,1"):
+        next(best.waves(False))
+    assert next(best.waves(False, assume=True)).items[0].argv[0] == "nnUNetv2_find_best_configuration"  # dry run
+    write(1, [(0.9, 0.6, 0.0)])  # predicted calcium where there is none: Dice 0, a number
+    assert labels_without_validation_dice([a, b]) == []
+    assert next(best.waves(False)).items[0].argv[0] == "nnUNetv2_find_best_configuration"

@@ -107,6 +107,25 @@ def npz_problem(path: Path) -> Optional[str]:
     return None
 
 
+def labels_without_validation_dice(summaries: List[Path]) -> List[str]:
+    """Foreground labels that have no Dice in any case of these validation summaries (nnU-Net's
+    summary.json: a case where neither the reference nor the prediction holds the label gives NaN).
+    nnUNetv2_find_best_configuration ranks by the mean over the labels of their mean over the cases;
+    such a label makes it NaN, and the command then fails with IndexError."""
+    scored: Dict[str, bool] = {}
+    for summary in summaries:
+        for case in json.loads(summary.read_text())["metric_per_case"]:
+            for label, metrics in case["metrics"].items():
+                dice = metrics.get("Dice")
+                scored[label] = scored.get(label, False) or (dice is not None and dice == dice)
+    names = []
+    for label, ok in scored.items():
+        if not ok:
+            names.append(f"{label} ({ds.CLASSES[int(label)]})" if label.isdigit() and int(label) in ds.CLASSES
+                         else label)
+    return names
+
+
 def _first(problems: Dict[str, str], total: int, where: Path) -> str:
     case, problem = next(iter(problems.items()))
     return f"{where}: {len(problems)} of {total} case(s) not finished ({case}: {problem})"
@@ -495,7 +514,23 @@ class Best(Step):
         info = json.loads(self.ctx.inference_information.read_text())
         return info["best_model_or_ensemble"]["selected_model_or_models"]
 
+    def check_labels(self) -> None:
+        """Fail before nnUNetv2_find_best_configuration does (a bare IndexError) when a label is in
+        no validation case of the folds, naming the label and what to do."""
+        summaries = [d / ds.fold_folder(f) / ds.VALIDATION_FOLDER / "summary.json" for d in self.model_dirs()
+                     for f in self.o.folds]
+        missing = labels_without_validation_dice([p for p in summaries if p.is_file()])
+        if missing:
+            folds = ",".join(map(str, self.o.folds))
+            raise PipelineError(
+                f"label {', '.join(missing)} is in no validation case of fold(s) {folds} (neither reference nor "
+                f"prediction), so its mean Dice is NaN and nnUNetv2_find_best_configuration would fail "
+                f"(IndexError). Use --folds with a fold whose validation cases hold it "
+                f"({self.ctx.pre / ds.SPLITS_JSON} lists each fold's validation cases)")
+
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        if not assume:
+            self.check_labels()
         yield Wave([Job("best", ["nnUNetv2_find_best_configuration", str(ds.DATASET_ID), "-c", *self.o.configs,
                                  "-tr", self.o.trainer, "-p", self.o.plans, "-f", *map(str, self.o.folds),
                                  "-np", self.ctx.n_proc_or_default], self.ctx.log("best"))])
