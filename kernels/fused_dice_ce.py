@@ -218,6 +218,11 @@ def _block(c_pad: int, tile_elements: int) -> int:
     return max(128, tile_elements // c_pad)
 
 
+def _weights_tuple(weight) -> tuple:
+    """Class weights given as a tensor or a sequence, as a tuple of floats (hashable, no device)."""
+    return tuple(float(w) for w in (weight.tolist() if torch.is_tensor(weight) else weight))
+
+
 def _weight_tensor(options, device):
     """The CE class weights as a (C,) fp32 tensor for the kernels, or a placeholder when there are none."""
     if options["ce_weight"] is None:
@@ -226,7 +231,8 @@ def _weight_tensor(options, device):
 
 
 def _forward_triton(x, labels, ignore_label, options):
-    """Pass 1 and the finalize kernel: (loss, coef) with coef (B, 3, C_PAD) fp32."""
+    """Pass 1 and the finalize kernel: (loss, coef, w) with coef (B, 3, C_PAD) fp32 and w the class
+    weights on the device (kept for pass 2, so they are copied to the device once a call)."""
     B, C, N = x.shape
     w = _weight_tensor(options, x.device)
     has_weight = options["ce_weight"] is not None
@@ -244,7 +250,7 @@ def _forward_triton(x, labels, ignore_label, options):
         loss, a, b, ce_scale = _loss_and_coefficients(sums[:, :3, :C], sums[:, 3, 0], **options)
         coef = torch.zeros((B, 3, c_pad), device=x.device, dtype=torch.float32)
         coef[:, 0, :C], coef[:, 1, :C], coef[:, 2, 0] = a, b, ce_scale
-        return loss, coef
+        return loss, coef, w
     loss = torch.empty((), device=x.device, dtype=torch.float32)
     coef = torch.empty((B, 3, c_pad), device=x.device, dtype=torch.float32)  # every entry is written
     b_pad = triton.next_power_of_2(B)
@@ -253,18 +259,18 @@ def _forward_triton(x, labels, ignore_label, options):
                            options["weight_ce"], options["weight_dice"], C=C, C_PAD=c_pad, B_PAD=b_pad,
                            P_BLOCK=p_block, BATCH_DICE=options["batch_dice"], FIRST=0 if options["do_bg"] else 1,
                            HAS_WEIGHT=has_weight)
-    return loss, coef
+    return loss, coef, w
 
 
-def _grad_triton(x, labels, ignore_label, coef, grad_output, options):
+def _grad_triton(x, labels, ignore_label, coef, w, grad_output, has_weight):
     B, C, N = x.shape
     c_pad = triton.next_power_of_2(C)
     block = _block(c_pad, LAUNCH["grad_tile_elements"])
     grad = torch.empty_like(x)
     _grad_kernel[(triton.cdiv(N, block), B)](
-        x, labels, _weight_tensor(options, x.device), coef, grad_output.to(torch.float32).reshape(1), grad, N,
+        x, labels, w, coef, grad_output.to(torch.float32).reshape(1), grad, N,
         0 if ignore_label is None else int(ignore_label), C=C, C_PAD=c_pad, BLOCK=block,
-        HAS_IGNORE=ignore_label is not None, HAS_WEIGHT=options["ce_weight"] is not None,
+        HAS_IGNORE=ignore_label is not None, HAS_WEIGHT=has_weight,
         ROUND_BF16=x.dtype == torch.bfloat16,
         num_warps=LAUNCH["grad_num_warps"])
     return grad
@@ -358,13 +364,14 @@ class _FusedDiceCEFunction(torch.autograd.Function):
         B, C = logits.shape[:2]
         x = logits.reshape(B, C, -1).contiguous()
         labels = labels.reshape(B, -1).contiguous()
-        ctx.use_triton, ctx.ignore_label, ctx.shape, ctx.options = use_triton, ignore_label, logits.shape, options
+        ctx.use_triton, ctx.ignore_label, ctx.shape = use_triton, ignore_label, logits.shape
+        ctx.has_weight = options["ce_weight"] is not None
         ctx.logits_dtype = logits.dtype
         with torch.autocast(logits.device.type, enabled=False):  # the maths picks its own precision
             if use_triton:
-                loss, coef = _forward_triton(x, labels, ignore_label, options)
+                loss, coef, w = _forward_triton(x, labels, ignore_label, options)
                 if needs_grad:
-                    ctx.save_for_backward(x, labels, coef)
+                    ctx.save_for_backward(x, labels, coef, w)
             else:
                 loss, grad = _forward_torch(x, labels, ignore_label, needs_grad, options)
                 if needs_grad:
@@ -374,8 +381,8 @@ class _FusedDiceCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.use_triton:
-            x, labels, coef = ctx.saved_tensors
-            grad = _grad_triton(x, labels, ctx.ignore_label, coef, grad_output, ctx.options)
+            x, labels, coef, w = ctx.saved_tensors
+            grad = _grad_triton(x, labels, ctx.ignore_label, coef, w, grad_output, ctx.has_weight)
         else:
             grad, = ctx.saved_tensors
             grad = (grad * grad_output).to(ctx.logits_dtype)  # one rounding
@@ -425,7 +432,7 @@ def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: boo
     if not (alpha >= 0 and beta >= 0 and alpha + beta > 0):
         raise ValueError(f"fused_dice_ce: alpha and beta must be >= 0 and not both 0, got {alpha}, {beta}")
     if ce_weight is not None:
-        ce_weight = tuple(float(w) for w in (ce_weight.tolist() if torch.is_tensor(ce_weight) else ce_weight))
+        ce_weight = _weights_tuple(ce_weight)
         if len(ce_weight) != logits.shape[1] or not all(w >= 0 for w in ce_weight):
             raise ValueError(f"fused_dice_ce: ce_weight must hold {logits.shape[1]} values >= 0 (one per class), "
                              f"got {ce_weight}")
@@ -463,8 +470,7 @@ class FusedDiceCELoss(nn.Module):
         self.alpha = alpha
         self.beta = beta
         weight = ce_kwargs.get("weight")
-        self.ce_weight = None if weight is None else tuple(
-            float(w) for w in (weight.tolist() if torch.is_tensor(weight) else weight))
+        self.ce_weight = None if weight is None else _weights_tuple(weight)
 
     @classmethod
     def from_nnunet(cls, loss) -> "FusedDiceCELoss":

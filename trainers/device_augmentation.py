@@ -37,6 +37,12 @@ def unsupported_reason(trainer, patch_size, do_dummy_2d_data_aug) -> str:
     return None
 
 
+def _present_classes(class_locations: dict) -> list:
+    """The labels with at least one location in a case's preprocessed class_locations (region and
+    annotated-class keys, which are tuples, left out)."""
+    return [k for k, where in class_locations.items() if not isinstance(k, tuple) and len(where) > 0]
+
+
 class HeartDataLoader(nnUNetDataLoader):
     """nnUNetDataLoader that hands out boxes and augmentation parameters instead of augmented
     patches: {'data': [(C, *box_b) float32], 'target': [(1, *box_b) int8/int16],
@@ -87,9 +93,7 @@ class HeartDataLoader(nnUNetDataLoader):
         weights = []
         for key in data.identifiers:
             locations = data.load_case(key)[3]["class_locations"]
-            present = [class_weights.get(k, 1.0) for k, where in locations.items()
-                       if not isinstance(k, tuple) and len(where) > 0]
-            weights.append(max(present, default=1.0))
+            weights.append(max((class_weights.get(k, 1.0) for k in _present_classes(locations)), default=1.0))
         weights = np.asarray(weights, dtype=np.float64)
         return weights / weights.sum()
 
@@ -100,7 +104,7 @@ class HeartDataLoader(nnUNetDataLoader):
         weight: 1), so that rare small classes get more of the forced samples."""
         if self.class_weights is None:
             return None
-        present = [k for k, where in class_locations.items() if not isinstance(k, tuple) and len(where) > 0]
+        present = _present_classes(class_locations)
         if not present:
             return None
         weights = np.array([self.class_weights.get(k, 1.0) for k in present], dtype=np.float64)

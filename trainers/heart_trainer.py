@@ -18,8 +18,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_heart_ext.kernels.augment import DeviceAugmentation
@@ -62,9 +62,7 @@ class HeartTrainer(nnUNetTrainer):
             return super().configure_optimizers()
         if self.optimizer_name != "adamw":
             raise ValueError(f"optimizer_name {self.optimizer_name!r}: 'sgd' or 'adamw'")
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
-                                      amsgrad=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return nnUNetTrainerAdam.configure_optimizers(self)
 
     def _build_loss(self):
         """nnU-Net's loss exactly as nnUNetTrainer builds it (settings, deep-supervision weights),
