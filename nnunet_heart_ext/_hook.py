@@ -22,6 +22,9 @@ PATCHES = {
     # on the extension's connected components (imports neither Triton nor the kernels until called).
     "nnunetv2.postprocessing.remove_connected_components":
         "nnunet_heart_ext.postprocessing:patch_remove_connected_components",
+    # HeartTrainer models predicted through nnU-Net's nnUNetPredictor take the extension's inference
+    # (batched windows and mirrors, folds on the device, fused export); other models are untouched.
+    "nnunetv2.inference.predict_from_raw_data": "nnunet_heart_ext.predictor:patch_predict_from_raw_data",
 }
 
 

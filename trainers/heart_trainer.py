@@ -136,6 +136,21 @@ class HeartTrainer(nnUNetTrainer):
             batch = self.augment_on_device(batch)
         return super().train_step(batch)
 
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, with the extension's inference: its predictor becomes a
+        HeartPredictor (nnunet_heart_ext/predictor.py, through the import hook) and the export
+        workers run nnunet_heart_ext.prediction_export's export (same files, on the kernels)."""
+        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+        from nnunet_heart_ext import prediction_export
+
+        original = trainer_module.export_prediction_from_logits
+        trainer_module.export_prediction_from_logits = prediction_export.export_prediction_from_logits
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            trainer_module.export_prediction_from_logits = original
+
     @torch.no_grad()
     def augment_on_device(self, batch: dict) -> dict:
         """A HeartDataLoader batch (boxes + parameters) -> nnU-Net's {'data', 'target'}, on the device."""

@@ -1,0 +1,208 @@
+"""nnU-Net's prediction export (logits -> label map file, optionally probabilities) on the kernels.
+
+The functions here have the signatures of nnunetv2.inference.export_prediction's and give the
+same outputs; HeartTrainer models use them (nnunet_heart_ext/predictor.py for nnUNetv2_predict,
+HeartTrainer.perform_actual_validation for validation). nnU-Net's own models never reach this
+module.
+
+What differs from nnU-Net's export (`convert_predicted_logits_to_segmentation_with_correct_shape`):
+- Without probabilities, the logits are resampled and arg-maxed in one Numba pass
+  (kernels/logits_to_labels.py) straight into the crop of the full-size label map: nnU-Net
+  resamples all C channels to a float array first (skimage, float64), then arg-maxes.
+- With probabilities, the logits are resampled by the Numba kernel (kernels/resample.py), the
+  softmax is torch's on every core, the argmax a Numba pass, and the `.npz` is written by the
+  threaded writer (kernels/npz.py): the same file np.load reads, >= 10x faster than
+  np.savez_compressed.
+- On a GPU (`convert_on_device`), the predictor resamples, arg-maxes and reverts the crop on the
+  device and hands the uint8 map (and the probabilities, when asked) to the export worker.
+This path applies when the plans resample probabilities with nnU-Net's default function or the
+extension's Numba one, with order 1 (what every nnU-Net planner writes) and the labels are not
+regions; anything else goes to nnU-Net's own function, unchanged.
+
+Output files are written atomically: the label map under a temporary name in a hidden folder beside
+it, then moved into place; the .npz likewise (kernels/npz.py). NaN logits raise FloatingPointError
+naming the case instead of writing an arbitrary label map.
+"""
+import os
+import shutil
+import tempfile
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_pickle
+from nnunetv2.configuration import ANISO_THRESHOLD, default_num_processes
+from nnunetv2.inference import export_prediction as nnunet_export
+from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+
+from nnunet_heart_ext.kernels import logits_to_labels, npz
+from nnunet_heart_ext.kernels import resample as resample_kernel
+from nnunet_heart_ext.resampling import _threads
+
+# resampling functions whose order-1 maths the kernels compute exactly (names as plans store them)
+FUSABLE_RESAMPLING = ("resample_data_or_seg_to_shape", "resample_data_or_seg_to_shape_numba")
+
+
+def fused_resampling(plans_manager, configuration_manager, label_manager, properties: dict):
+    """(separate_axis, order_z) of the export resampling of this case when the kernels compute it
+    (plans resampling probabilities with a fusable function at order 1, no regions), else None."""
+    config = configuration_manager.configuration
+    kwargs = config.get("resampling_fn_probabilities_kwargs", {}) or {}
+    if config.get("resampling_fn_probabilities") not in FUSABLE_RESAMPLING or label_manager.has_regions:
+        return None
+    if kwargs.get("is_seg", False) or kwargs.get("order", 3) != 1 or kwargs.get("order_z", 0) not in (0, 1):
+        return None
+    current, target = _spacings(plans_manager, configuration_manager, properties)
+    do_separate, axis = determine_do_sep_z_and_axis(kwargs.get("force_separate_z", False), current, target,
+                                                    kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD))
+    return (axis if do_separate else None), int(kwargs.get("order_z", 0))
+
+
+def _spacings(plans_manager, configuration_manager, properties):
+    # nnU-Net's export: the configuration's spacing (with the case's first axis for 2d) -> the case's
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    current = configuration_manager.spacing \
+        if len(configuration_manager.spacing) == len(properties["shape_after_cropping_and_before_resampling"]) \
+        else [spacing_transposed[0], *configuration_manager.spacing]
+    return current, spacing_transposed
+
+
+def _label_dtype(label_manager):
+    return np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
+
+
+def _crop(bbox):
+    return tuple(slice(int(a), int(b)) for a, b in bbox)
+
+
+def _refuse_nan(count: int, properties: dict):
+    if count:
+        raise FloatingPointError(f"nnunet_heart_ext: {count} NaN values in the predicted logits of "
+                                 f"{_case_name(properties)}: no label map written (check the input image and "
+                                 "the checkpoint)")
+
+
+def _case_name(properties: dict) -> str:
+    files = properties.get("list_of_data_files") or []
+    return str(files[0]) if files else "this case"
+
+
+def convert_predicted_logits_to_segmentation_with_correct_shape(
+        predicted_logits: Union[torch.Tensor, np.ndarray], plans_manager, configuration_manager, label_manager,
+        properties_dict: dict, return_probabilities: bool = False, num_threads_torch: int = default_num_processes):
+    """nnU-Net's function of the same name (same arguments, same outputs) on the kernels."""
+    fused = fused_resampling(plans_manager, configuration_manager, label_manager, properties_dict)
+    if fused is None:
+        return nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
+            predicted_logits, plans_manager, configuration_manager, label_manager, properties_dict,
+            return_probabilities, num_threads_torch)
+    separate_axis, order_z = fused
+    if isinstance(predicted_logits, torch.Tensor):
+        predicted_logits = predicted_logits.cpu().numpy()
+    threads = _threads()
+    shape_after = [int(i) for i in properties_dict["shape_after_cropping_and_before_resampling"]]
+    seg = np.zeros(properties_dict["shape_before_cropping"], dtype=_label_dtype(label_manager))
+    crop = seg[_crop(properties_dict["bbox_used_for_cropping"])]
+    if not return_probabilities:
+        _refuse_nan(logits_to_labels.resample_argmax(predicted_logits, crop, separate_axis, order_z, threads),
+                    properties_dict)
+        return seg.transpose(plans_manager.transpose_backward)
+    # probabilities: nnU-Net's order (resample the logits in their dtype, softmax in float32, argmax)
+    resampled = predicted_logits if list(predicted_logits.shape[1:]) == shape_after else \
+        resample_kernel.resample(predicted_logits, shape_after, False, 1, order_z, separate_axis, threads=threads)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        probabilities = torch.softmax(torch.from_numpy(resampled).float(), 0).numpy()
+    finally:
+        torch.set_num_threads(old_threads)
+    del resampled
+    if np.isnan(probabilities.sum()):  # softmax spreads a NaN over its voxel's classes
+        _refuse_nan(int(np.isnan(probabilities[0]).sum()), properties_dict)
+    crop[...] = probabilities.argmax(0)
+    full = label_manager.revert_cropping_on_probabilities(probabilities, properties_dict["bbox_used_for_cropping"],
+                                                          properties_dict["shape_before_cropping"])
+    return seg.transpose(plans_manager.transpose_backward), \
+        full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+
+
+def convert_on_device(predicted_logits: torch.Tensor, plans_manager, configuration_manager, label_manager,
+                      properties_dict: dict, return_probabilities: bool = False):
+    """The same outputs as `convert_predicted_logits_to_segmentation_with_correct_shape`, computed
+    on the logits' device (the GPU); only the label map (and the probabilities) come back to the
+    host. None when the plans' resampling is not one the kernels compute (then use the CPU path)."""
+    fused = fused_resampling(plans_manager, configuration_manager, label_manager, properties_dict)
+    if fused is None:
+        return None
+    separate_axis, order_z = fused
+    logits = predicted_logits.half()  # what nnU-Net's predictor hands its export: float16 logits
+    if torch.isnan(logits).any():
+        _refuse_nan(int(torch.isnan(logits).sum()), properties_dict)
+    shape_after = [int(i) for i in properties_dict["shape_after_cropping_and_before_resampling"]]
+    resampled = logits_to_labels.resample_logits_torch(logits, shape_after, separate_axis, order_z)
+    del logits
+    bbox = _crop(properties_dict["bbox_used_for_cropping"])
+    shape_before = [int(i) for i in properties_dict["shape_before_cropping"]]
+    label_dtype = torch.uint8 if _label_dtype(label_manager) == np.uint8 else torch.int32
+    seg = torch.zeros(shape_before, dtype=label_dtype, device=resampled.device)
+    if not return_probabilities:
+        seg[bbox] = resampled.argmax(0).to(label_dtype)
+        out = seg.cpu().numpy()
+        return (out if label_dtype == torch.uint8 else out.astype(np.uint16)).transpose(plans_manager.transpose_backward)
+    probabilities = torch.softmax(resampled.float(), 0)
+    del resampled
+    seg[bbox] = probabilities.argmax(0).to(label_dtype)
+    full = torch.zeros((probabilities.shape[0], *shape_before), dtype=probabilities.dtype,
+                       device=probabilities.device)
+    full[0] = 1
+    full[(slice(None), *bbox)] = probabilities
+    del probabilities
+    seg_np = seg.cpu().numpy()
+    seg_np = seg_np if label_dtype == torch.uint8 else seg_np.astype(np.uint16)
+    return seg_np.transpose(plans_manager.transpose_backward), \
+        full.cpu().numpy().transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+
+
+def write_prediction(segmentation: np.ndarray, probabilities: Optional[np.ndarray], properties_dict: dict,
+                     plans_manager, dataset_json_dict_or_file: Union[dict, str], output_file_truncated: str) -> None:
+    """Write what nnU-Net's export writes: OUT.npz + OUT.pkl (when probabilities are given) and the
+    label map OUT<file_ending>, each atomically."""
+    if isinstance(dataset_json_dict_or_file, str):
+        dataset_json_dict_or_file = load_json(dataset_json_dict_or_file)
+    if probabilities is not None:
+        npz.savez_compressed(output_file_truncated + ".npz", threads=_threads(), probabilities=probabilities)
+        _atomic(output_file_truncated + ".pkl", lambda tmp: save_pickle(properties_dict, tmp))
+    rw = plans_manager.image_reader_writer_class()
+    _atomic(output_file_truncated + dataset_json_dict_or_file["file_ending"],
+            lambda tmp: rw.write_seg(segmentation, tmp, properties_dict))
+
+
+def _atomic(path: str, write) -> None:
+    """write(tmp_path) where tmp_path has path's name inside a hidden folder beside it (readers
+    choose formats by the file ending), then move it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_dir = tempfile.mkdtemp(prefix=".heart_export_", dir=folder)
+    try:
+        tmp = os.path.join(tmp_dir, os.path.basename(path))
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def export_prediction_from_logits(predicted_array_or_file: Union[np.ndarray, torch.Tensor], properties_dict: dict,
+                                  configuration_manager, plans_manager, dataset_json_dict_or_file: Union[dict, str],
+                                  output_file_truncated: str, save_probabilities: bool = False,
+                                  num_threads_torch: int = default_num_processes) -> None:
+    """nnU-Net's `export_prediction_from_logits` (same arguments, same files) on the kernels."""
+    if isinstance(dataset_json_dict_or_file, str):
+        dataset_json_dict_or_file = load_json(dataset_json_dict_or_file)
+    label_manager = plans_manager.get_label_manager(dataset_json_dict_or_file)
+    ret = convert_predicted_logits_to_segmentation_with_correct_shape(
+        predicted_array_or_file, plans_manager, configuration_manager, label_manager, properties_dict,
+        return_probabilities=save_probabilities, num_threads_torch=num_threads_torch)
+    del predicted_array_or_file
+    segmentation, probabilities = ret if save_probabilities else (ret, None)
+    write_prediction(segmentation, probabilities, properties_dict, plans_manager, dataset_json_dict_or_file,
+                     output_file_truncated)
+

@@ -1,0 +1,287 @@
+"""HeartTrainer models predicted by the official nnUNetv2_predict take a faster inference path.
+
+How a model gets here. The import hook (_hook.py) runs `patch_predict_from_raw_data` right after
+nnunetv2.inference.predict_from_raw_data has executed: nnUNetPredictor's
+`initialize_from_trained_model_folder` (nnUNetv2_predict) and `manual_initialization` (the
+trainer's validation) then end with `use_fast_path(self)`. When the model's trainer is a
+HeartTrainer (or a subclass) and the predictor is nnU-Net's own class (not a user's subclass),
+the instance becomes a `HeartPredictor`, with a log line; every other model keeps nnU-Net's
+predictor untouched. NNUNET_HEART_EXT_DISABLE=1 switches the hook, and so this, off.
+
+What HeartPredictor changes (the results are nnU-Net's up to floating-point summation order:
+tests/test_predictor.py compares them on random-weight networks):
+- Sliding window: windows go through the network in batches, each window's mirror passes in the
+  same batch (nnU-Net: one window, then 7 more passes of it, at batch 1); up to
+  `inference_batch` inputs per forward pass, halved on out-of-memory. Sums are float32.
+- Folds: accumulated where the logits are (the GPU), not moved to the host one by one and
+  summed there in float16; on out-of-memory the sum moves to the host, with a log line.
+- Export (`predict_from_data_iterator`): on a GPU the logits are resampled, arg-maxed and put
+  back into the uncropped volume on the device (prediction_export.convert_on_device), and only
+  the label map (and, with --save_probabilities, the probabilities) go to the export workers,
+  which only write files; on the CPU, or for plans the kernels do not cover, the workers run
+  prediction_export's export (fused Numba resampling + argmax, threaded .npz writer).
+nnU-Net's fallbacks are kept: sliding-window results on the host when the device runs out of
+memory (nnU-Net's own `predict_sliding_window_return_logits` wraps the methods below).
+"""
+import itertools
+import multiprocessing
+import os
+from time import sleep
+
+import numpy as np
+import torch
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
+from nnunetv2.utilities.helpers import empty_cache
+from torch._dynamo import OptimizedModule
+from tqdm import tqdm
+
+from nnunet_heart_ext import prediction_export
+
+_OOM = (torch.cuda.OutOfMemoryError,)
+
+
+def _log(message: str) -> None:
+    print(f"nnunet_heart_ext: {message}", flush=True)
+
+
+class HeartPredictor(nnUNetPredictor):
+    """nnU-Net's predictor with batched windows and mirrors, folds summed on the device and the
+    export on the device (GPU) or on the kernels (CPU). See the module docstring."""
+
+    # Most network inputs in one forward pass (windows x mirror variants); CPU: one window's mirrors.
+    inference_batch = 8
+
+    # ------------------------------------------------------------------ network passes
+    def _mirror_axes(self):
+        axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        if not axes:
+            return []
+        return [tuple(m + 2 for m in c) for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, *patch) -> the mean over nnU-Net's mirror passes of each window, float32.
+        All variants of the B windows go through the network together (in chunks of
+        `inference_batch` inputs)."""
+        combos = self._mirror_axes()
+        if combos:
+            assert max(max(c) for c in combos) <= x.ndim - 1, 'mirror_axes does not match the dimension of the input!'
+        variants = [x] + [torch.flip(x, axes) for axes in combos]
+        stacked = torch.cat(variants) if len(variants) > 1 else x
+        out = self._forward_in_chunks(stacked)
+        b = x.shape[0]
+        prediction = out[:b].float()
+        for i, axes in enumerate(combos, start=1):
+            prediction += torch.flip(out[i * b:(i + 1) * b], axes).float()
+        if combos:
+            prediction /= len(combos) + 1
+        return prediction
+
+    def _forward_in_chunks(self, stacked: torch.Tensor) -> torch.Tensor:
+        while True:
+            step = max(1, min(self.inference_batch, stacked.shape[0]))
+            try:
+                return torch.cat([self.network(stacked[i:i + step]) for i in range(0, stacked.shape[0], step)])
+            except _OOM:
+                if step == 1:
+                    raise
+                empty_cache(self.device)
+                self.inference_batch = step // 2
+                _log(f"out of GPU memory at {step} inputs a forward pass; now {self.inference_batch}")
+
+    def _windows_per_batch(self) -> int:
+        return max(1, self.inference_batch // (len(self._mirror_axes()) + 1))
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        results_device = self.device if do_on_device else torch.device("cpu")
+        predicted_logits = n_predictions = None
+        try:
+            empty_cache(self.device)
+            data = data.to(results_device)
+            predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
+                                           dtype=torch.float32, device=results_device)
+            n_predictions = torch.zeros(data.shape[1:], dtype=torch.float32, device=results_device)
+            if self.use_gaussian:  # nnU-Net's float16 weights, used in float32
+                gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                            value_scaling_factor=10, device=results_device).float()
+            else:
+                gaussian = torch.ones(tuple(self.configuration_manager.patch_size), device=results_device)
+            per_batch = self._windows_per_batch()
+            with tqdm(total=len(slicers), disable=not self.allow_tqdm) as pbar:
+                for start in range(0, len(slicers), per_batch):
+                    batch = slicers[start:start + per_batch]
+                    windows = torch.stack([data[s] for s in batch]).to(self.device, non_blocking=True)
+                    prediction = self._internal_maybe_mirror_and_predict(windows).to(results_device)
+                    for p, sl in zip(prediction, batch):
+                        predicted_logits[sl] += p * gaussian
+                        n_predictions[sl[1:]] += gaussian
+                    pbar.update(len(batch))
+            torch.div(predicted_logits, n_predictions, out=predicted_logits)
+            if torch.any(torch.isinf(predicted_logits)):
+                raise RuntimeError('Encountered inf in predicted array. Aborting...')
+            if torch.any(torch.isnan(predicted_logits)):
+                raise FloatingPointError("nnunet_heart_ext: NaN in the predicted logits (the input image or the "
+                                         "checkpoint holds NaN): nothing written")
+            return predicted_logits
+        except Exception:
+            del predicted_logits, n_predictions
+            empty_cache(self.device)
+            raise
+
+    # ------------------------------------------------------------------ folds
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """The mean of the folds' logits (float32), kept where the sliding window left them (the
+        GPU with perform_everything_on_device); on out-of-memory the sum moves to the host."""
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, n_threads))
+        total = None
+        try:
+            for params in self.list_of_parameters:
+                network = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+                network.load_state_dict(params)
+                logits = self.predict_sliding_window_return_logits(data)
+                if total is None:
+                    total = logits.float()
+                    continue
+                try:
+                    total += logits.to(total.device)
+                except _OOM:
+                    _log("out of GPU memory summing the folds; summing them on the host")
+                    total = total.cpu()
+                    total += logits.cpu()
+                del logits
+            if len(self.list_of_parameters) > 1:
+                total /= len(self.list_of_parameters)
+            return total
+        finally:
+            torch.set_num_threads(n_threads)
+
+    # ------------------------------------------------------------------ cases and export
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = default_num_processes):
+        """nnU-Net's loop (same inputs, outputs and files) with the export on the device when the
+        logits are there, else in the workers on the kernels."""
+        with multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) as export_pool:
+            workers = list(export_pool._pool)
+            results = []
+            for preprocessed in data_iterator:
+                data = preprocessed["data"]
+                if isinstance(data, str):
+                    delfile = data
+                    data = torch.from_numpy(np.load(data))
+                    os.remove(delfile)
+                ofile = preprocessed["ofile"]
+                properties = preprocessed["data_properties"]
+                print(f"\nPredicting {os.path.basename(ofile)}:" if ofile is not None
+                      else f"\nPredicting image of shape {data.shape}:")
+                while check_workers_alive_and_busy(export_pool, workers, results, allowed_num_queued=2):
+                    sleep(0.1)
+                logits = self.predict_logits_from_preprocessed_data(data)
+                results.append(self._export(export_pool, logits, properties, ofile, save_probabilities))
+                del logits
+                print(f"done with {os.path.basename(ofile)}" if ofile is not None
+                      else f"\nDone with image of shape {data.shape}:")
+            print("Prediction completed. Waiting for remaining segmentation exports to finish...")
+            ret = []
+            with tqdm(desc="Collecting results", total=len(results), disable=not self.allow_tqdm) as pbar:
+                for result in results:
+                    while True:
+                        if not all(w.is_alive() for w in workers):
+                            raise RuntimeError("Segmentation export worker died. It was likely killed by your OS "
+                                               "because of insufficient available CPU RAM.")
+                        try:
+                            ret.append(result.get(timeout=0.1))
+                            break
+                        except multiprocessing.TimeoutError:
+                            pass
+                    pbar.update()
+            print("Segmentation export complete.")
+        if hasattr(data_iterator, "_finish"):
+            data_iterator._finish()
+        compute_gaussian.cache_clear()
+        empty_cache(self.device)
+        return ret
+
+    def _export(self, pool, logits: torch.Tensor, properties: dict, ofile, save_probabilities: bool):
+        converted = None
+        if logits.device.type != "cpu":
+            try:
+                converted = prediction_export.convert_on_device(
+                    logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
+                    save_probabilities)
+            except _OOM:
+                empty_cache(self.device)
+                _log("out of GPU memory in the export; exporting on the CPU")
+        if converted is not None:
+            segmentation, probabilities = converted if save_probabilities else (converted, None)
+            if ofile is None:
+                return pool.apply_async(_identity, ((segmentation, probabilities) if save_probabilities
+                                                    else segmentation,))
+            return pool.apply_async(prediction_export.write_prediction,
+                                    (segmentation, probabilities, properties, self.plans_manager, self.dataset_json,
+                                     ofile))
+        # nnU-Net hands its workers float16 logits; so does this path (half the bytes to pickle)
+        logits = logits.half().cpu().numpy()
+        if ofile is None:
+            return pool.apply_async(prediction_export.convert_predicted_logits_to_segmentation_with_correct_shape,
+                                    (logits, self.plans_manager, self.configuration_manager, self.label_manager,
+                                     properties, save_probabilities))
+        return pool.apply_async(prediction_export.export_prediction_from_logits,
+                                (logits, properties, self.configuration_manager, self.plans_manager,
+                                 self.dataset_json, ofile, save_probabilities))
+
+
+def _identity(x):
+    return x
+
+
+# ---------------------------------------------------------------------- hook
+def is_heart_trainer(trainer_name) -> bool:
+    """Whether nnU-Net's trainer lookup gives a HeartTrainer (sub)class for this name."""
+    if not trainer_name:
+        return False
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer
+
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    except Exception:  # a name nnU-Net cannot find: nnU-Net's predictor decides what happens
+        return False
+    return isinstance(trainer_class, type) and issubclass(trainer_class, HeartTrainer)
+
+
+def use_fast_path(predictor) -> bool:
+    """Turn nnU-Net's own predictor of a HeartTrainer model into a HeartPredictor (in place)."""
+    if type(predictor) is not nnUNetPredictor or not is_heart_trainer(predictor.trainer_name):
+        return False
+    predictor.__class__ = HeartPredictor
+    _log(f"{predictor.trainer_name}: the extension's inference (batched windows and mirrors, folds on the device, "
+         "fused export)")
+    return True
+
+
+def patch_predict_from_raw_data(module) -> None:
+    """Hook target for nnunetv2.inference.predict_from_raw_data."""
+    cls = module.nnUNetPredictor
+    if getattr(cls, "_nnunet_heart_ext_patched", False):
+        return
+    for name in ("initialize_from_trained_model_folder", "manual_initialization"):
+        original = getattr(cls, name)
+
+        def wrapper(self, *args, _original=original, **kwargs):
+            result = _original(self, *args, **kwargs)
+            use_fast_path(self)
+            return result
+
+        wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = original.__name__, original.__qualname__, \
+            original.__doc__
+        wrapper.__wrapped__ = original
+        setattr(cls, name, wrapper)
+    cls._nnunet_heart_ext_patched = True
+    module._nnunet_heart_ext_patched = True
