@@ -63,6 +63,7 @@ setup(
         "numba",
         "SimpleITK",
         "connected-components-3d",
+        "isal",
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["nnunet-heart = nnunet_heart_ext.cli:main"]},
