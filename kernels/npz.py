@@ -18,7 +18,7 @@ folder, then `os.replace`d: a failure leaves the previous file as it was and no 
 Why faster. (1) ISA-L (`isal.isal_zlib`, level 1 by default; its deflate is several times faster
 than zlib's) instead of zlib level 6, and (2) the payload is cut into independent chunks compressed
 at the same time by a thread pool (both isal and zlib release the GIL), the strided copy of a
-non-contiguous array done chunk by chunk in the same threads. Without isal the same chunking runs
+non-contiguous array done chunk by chunk in the same threads, in cache-sized blocks. Without isal the same chunking runs
 on the standard `zlib` (level 1 by default).
 
 Joining the chunks. A raw deflate stream is a sequence of blocks, the last one flagged BFINAL.
@@ -123,8 +123,24 @@ def _payload(val, allow_pickle: bool, chunk_size: int):
     yield from _pieces(np.frombuffer(buf.getbuffer(), np.uint8), chunk_size)
 
 
+def _c_order(piece: np.ndarray) -> np.ndarray:
+    """`piece` in C order. A strided piece is copied in blocks of ~64 KiB along its axis of largest
+    stride, so each block reads a small part of memory: copied whole, a transposed view re-reads
+    each cache line from RAM once per output row (3x slower on nnU-Net's probabilities)."""
+    if piece.flags.c_contiguous:
+        return piece
+    out = np.empty(piece.shape, piece.dtype)
+    ax = int(np.argmax(np.abs(piece.strides)))
+    step = max(1, (64 << 10) * piece.shape[ax] // piece.nbytes)
+    idx = [slice(None)] * piece.ndim
+    for s in range(0, piece.shape[ax], step):
+        idx[ax] = slice(s, s + step)
+        out[tuple(idx)] = piece[tuple(idx)]
+    return out
+
+
 def _compress(piece: np.ndarray, last: bool, zl, level: int):
-    data = np.ascontiguousarray(piece).reshape(-1).view(np.uint8)  # the strided copy, if any
+    data = _c_order(piece).reshape(-1).view(np.uint8)
     c = zl.compressobj(level, zl.DEFLATED, -15)
     return (c.compress(data), c.flush(zl.Z_FINISH if last else zl.Z_FULL_FLUSH)), zl.crc32(data), data.size
 

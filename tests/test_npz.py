@@ -70,6 +70,13 @@ def test_many_chunks_every_axis(tmp_path):
     check(tmp_path, probabilities=p[:, ::2, 3:, ::-1], chunk_size=999, threads=1)
 
 
+@pytest.mark.parametrize("axes", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+def test_blocked_copy_every_transpose(tmp_path, axes):
+    """Pieces of ~200 KB copied in ~64 KiB blocks, whichever axis has the largest stride."""
+    base = rng.normal(size=(40, 50, 61))[:, :, :60]  # not contiguous under any transpose
+    check(tmp_path, a=base.transpose(axes), chunk_size=200_000, threads=2)
+
+
 def test_fortran_and_c_order(tmp_path):
     f2 = np.asfortranarray(rng.normal(size=(37, 53)))
     f4 = np.asfortranarray(rng.random((3, 5, 7, 11), dtype=np.float32))
