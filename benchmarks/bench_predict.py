@@ -44,6 +44,9 @@ def add_arguments(parser):
     parser.add_argument("--predict-folds", type=int, default=2, help="folds averaged in the sliding-window stage")
     parser.add_argument("--predict-skip-default", action="store_true",
                         help="leave out nnU-Net's default export rows (the slowest, ~30-90 s each)")
+    parser.add_argument("--predict-stages", default=None,
+                        help="window,export,device_export (default: window,export on the CPU; window,device_export "
+                             "on cuda, where SimpleITK may be missing: no files are written there)")
 
 
 def plans_with(resampling: str) -> dict:
@@ -233,16 +236,75 @@ def plot(rows, ax):
     ax.legend(fontsize=6)
 
 
+def device_export_rows(args, logits, shape_before):
+    """The export's computation without writing files (the GPU machine has no SimpleITK): nnU-Net's
+    convert on the CPU (default and torchres plans) against the extension's on the device."""
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape \
+        as nnunet_convert
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import nnunet_heart_ext._hook  # noqa: F401
+    from nnunet_heart_ext import prediction_export
+
+    device = torch.device(args.predict_device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    props = properties(logits.shape[1:], shape_before)
+    rows, segs = [], {}
+    for probabilities in (False, True):
+        variants = [("nnU-Net torchres (CPU)", "resample_torch_fornnunet", "cpu"),
+                    ("extension on the device", "resample_data_or_seg_to_shape_numba", "device")]
+        if not args.predict_skip_default:
+            variants.insert(0, ("nnU-Net default (CPU)", "resample_data_or_seg_to_shape", "cpu"))
+        for name, resampling, where in variants:
+            pm = PlansManager(plans_with(resampling))
+            cm, lm = pm.get_configuration("3d_fullres"), pm.get_label_manager(DATASET_JSON)
+            if where == "cpu":
+                def run():
+                    return nnunet_convert(logits, pm, cm, lm, deepcopy(props), probabilities)
+            else:
+                on_device = torch.from_numpy(logits).to(device)  # where the predictor leaves the logits
+
+                def run():
+                    out = prediction_export.convert_on_device(on_device, pm, cm, lm, deepcopy(props), probabilities)
+                    sync()
+                    return out
+                run()  # allocator, kernels
+            seconds, out = timed(run)
+            segs[(name, probabilities)] = np.asarray(out[0] if probabilities else out)
+            rows.append({"stage": "export computation" + (" + probabilities" if probabilities else "") + ", no files",
+                         "method": name, "seconds": seconds})
+            print(rows[-1], flush=True)
+    for row in rows:
+        probabilities = "probabilities" in row["stage"]
+        torchres = next(r["seconds"] for r in rows if r["stage"] == row["stage"] and r["method"].startswith(
+            "nnU-Net torchres"))
+        row["speedup_vs_torchres"] = torchres / row["seconds"]
+        ref = segs.get(("nnU-Net default (CPU)", probabilities))
+        if ref is not None:
+            seg = segs[(row["method"], probabilities)]
+            row["voxels_equal_to_default"] = float((seg == ref).mean())
+            row["dice_vs_default"] = dice_per_class(seg, ref)
+    return rows
+
+
 def main(args):
     import torch
 
     quick = getattr(args, "quick", False)
     if not hasattr(args, "predict_device"):
         args.predict_device, args.predict_folds, args.predict_skip_default = "cpu", 2, False
+        args.predict_stages = None
+    stages = (args.predict_stages or ("window,export" if args.predict_device == "cpu" else "window,device_export"))
+    stages = stages.split(",")
     torch.set_num_threads(os.cpu_count())
-    rows = sliding_window_rows(args, quick)
+    rows = sliding_window_rows(args, quick) if "window" in stages else []
     shape_after, shape_before = ((40, 64, 64), (40, 70, 70)) if quick else ((340, 467, 467), (340, 512, 512))
-    rows += export_rows(args, make_logits(shape_after), shape_before, quick)
+    logits = make_logits(shape_after) if "export" in stages or "device_export" in stages else None
+    if "export" in stages:
+        rows += export_rows(args, logits, shape_before, quick)
+    if "device_export" in stages:
+        rows += device_export_rows(args, logits, shape_before)
     report("predict" if args.predict_device == "cpu" else f"predict_{args.predict_device}", rows,
            title="One full-size case: plain nnU-Net against the extension (seconds)",
            results_dir=getattr(args, "out", None) or RESULTS_DIR, plot=plot,

@@ -11,7 +11,12 @@
 # imagecodecs are too large to carry: benchmarks/device_stubs/ stands in for SimpleITK so that
 # nnU-Net's trainer and postprocessing modules import (nothing here reads or writes images).
 # Results land in $OUT (what the device tool brings back, 8 files at most): copy them to
-# benchmarks/results/gpu/. Sections: GPU_CHECK_ONLY="tests,augment,loss,cc" (default: all).
+# benchmarks/results/gpu/. Sections: GPU_CHECK_ONLY="tests,augment,loss,cc,predict" (default:
+# tests,augment,loss,cc). The inference check alone (issue 20, <= 8 minutes):
+#   GPU_CHECK_ONLY=tests_predict,predict bash benchmarks/gpu_check.sh
+# predict: one full-size case (340 x 467 x 467 at HeartPlans' spacing), ResEnc M, patch 96 x 160 x 160,
+# 5 random-weight folds with mirroring: nnU-Net's nnUNetPredictor against HeartPredictor, then the
+# export's computation (nnU-Net's CPU default and torchres against the extension on the GPU).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -51,6 +56,10 @@ if want tests; then
     -n 8 -m "not slow" -k "not cpu-torch" tests/test_fused_dice_ce.py tests/test_connected_components.py \
     tests/test_augment.py
 fi
+want tests_predict && run 120 "inference tests on CUDA (HeartPredictor, device export)" python3 -P -m pytest -q \
+  -p no:cacheprovider -rfE -m gpu tests/test_predictor.py
+want predict && run 330 "inference benchmark (sliding window + folds, export)" python3 -P -m benchmarks --only predict \
+  --predict-device cuda --predict-folds 5 --out "$OUT"
 want augment && run 200 "augmentation benchmark" python3 -P -m benchmarks --only augment --augment-data /tmp/bench_augment \
   --augment-budget-s 90 --out "$OUT"
 want loss && run 100 "loss benchmark" python3 -P -m benchmarks --only loss --loss-devices cuda --budget-s 60 --out "$OUT"

@@ -227,3 +227,36 @@ def test_nan_logits_are_refused_and_nothing_is_written(tmp_path):
         with pytest.raises(FloatingPointError, match="NaN"):
             prediction_export.convert_on_device(torch.from_numpy(logits), pm, cm, lm, properties, probabilities)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- CUDA (benchmarks/gpu_check.sh)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("n_folds", [1, 2])
+def test_cuda_predictor_equals_nnunet_on_the_cpu(n_folds):
+    pm = plans()
+    plain, heart = predictors(n_folds, (0, 1, 2), pm)
+    heart.device, heart.perform_everything_on_device = torch.device("cuda"), True
+    data = torch.from_numpy(np.random.default_rng(5).normal(size=(1, 22, 35, 30)).astype(np.float32))
+    ref = plain.predict_logits_from_preprocessed_data(data).float().numpy()
+    got = heart.predict_logits_from_preprocessed_data(data)
+    assert got.is_cuda, "the folds' sum stays on the device"
+    compare(got.cpu().numpy(), ref, gaussian=True)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", sorted(EXPORT_CASES))
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_cuda_export_equals_nnunet(name, probabilities):
+    pm, cm, lm, logits, properties = export_setup(name, seed=7)
+    ref = nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits.copy(), pm, cm, lm, properties, probabilities)
+    got = prediction_export.convert_on_device(torch.from_numpy(logits).cuda(), pm, cm, lm, properties, probabilities)
+    seg, ref_seg = (got[0], ref[0]) if probabilities else (got, ref)
+    assert (seg == np.asarray(ref_seg)).mean() >= 0.9995
+    if probabilities:
+        np.testing.assert_allclose(got[1], np.asarray(ref[1]), atol=2e-3)
