@@ -51,10 +51,16 @@ class HeartPredictor(nnUNetPredictor):
     """nnU-Net's predictor with batched windows and mirrors, folds summed on the device and the
     export on the device (GPU) or on the kernels (CPU). See the module docstring."""
 
-    # Most network inputs in one forward pass (windows x mirror variants); CPU: one window's mirrors.
-    inference_batch = 8
+    # Most network inputs in one forward pass (windows x mirror variants), halved on out-of-memory.
+    # None: 8 on a GPU; 1 on a CPU, where a larger batch only moves the working set out of the caches.
+    inference_batch = None
 
     # ------------------------------------------------------------------ network passes
+    def _batch(self) -> int:
+        if self.inference_batch is None:
+            self.inference_batch = 8 if self.device.type == "cuda" else 1
+        return self.inference_batch
+
     def _mirror_axes(self):
         axes = self.allowed_mirroring_axes if self.use_mirroring else None
         if not axes:
@@ -63,37 +69,32 @@ class HeartPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, *patch) -> the mean over nnU-Net's mirror passes of each window, float32.
-        All variants of the B windows go through the network together (in chunks of
-        `inference_batch` inputs)."""
-        combos = self._mirror_axes()
-        if combos:
-            assert max(max(c) for c in combos) <= x.ndim - 1, 'mirror_axes does not match the dimension of the input!'
-        variants = [x] + [torch.flip(x, axes) for axes in combos]
-        stacked = torch.cat(variants) if len(variants) > 1 else x
-        out = self._forward_in_chunks(stacked)
+        """x (B, C, *patch) -> the mean over nnU-Net's mirror passes of each window (float32),
+        summed in nnU-Net's order; the variants go through the network `inference_batch` inputs
+        at a time (all of them together on a GPU)."""
+        combos = [()] + self._mirror_axes()
+        assert max(max(c, default=0) for c in combos) <= x.ndim - 1, \
+            'mirror_axes does not match the dimension of the input!'
         b = x.shape[0]
-        prediction = out[:b].float()
-        for i, axes in enumerate(combos, start=1):
-            prediction += torch.flip(out[i * b:(i + 1) * b], axes).float()
-        if combos:
-            prediction /= len(combos) + 1
+        per_pass = max(1, self._batch() // b)
+        prediction = None
+        for start in range(0, len(combos), per_pass):
+            group = combos[start:start + per_pass]
+            inputs = [torch.flip(x, axes) if axes else x for axes in group]
+            out = self.network(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+            for k, axes in enumerate(group):
+                part = out[k * b:(k + 1) * b]
+                part = torch.flip(part, axes) if axes else part
+                if prediction is None:
+                    prediction = part.float().clone() if part.dtype == torch.float32 else part.float()
+                else:
+                    prediction += part
+        if len(combos) > 1:
+            prediction /= len(combos)
         return prediction
 
-    def _forward_in_chunks(self, stacked: torch.Tensor) -> torch.Tensor:
-        while True:
-            step = max(1, min(self.inference_batch, stacked.shape[0]))
-            try:
-                return torch.cat([self.network(stacked[i:i + step]) for i in range(0, stacked.shape[0], step)])
-            except _OOM:
-                if step == 1:
-                    raise
-                empty_cache(self.device)
-                self.inference_batch = step // 2
-                _log(f"out of GPU memory at {step} inputs a forward pass; now {self.inference_batch}")
-
     def _windows_per_batch(self) -> int:
-        return max(1, self.inference_batch // (len(self._mirror_axes()) + 1))
+        return max(1, self._batch() // (len(self._mirror_axes()) + 1))
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
@@ -110,15 +111,26 @@ class HeartPredictor(nnUNetPredictor):
                                             value_scaling_factor=10, device=results_device).float()
             else:
                 gaussian = torch.ones(tuple(self.configuration_manager.patch_size), device=results_device)
-            per_batch = self._windows_per_batch()
             with tqdm(total=len(slicers), disable=not self.allow_tqdm) as pbar:
-                for start in range(0, len(slicers), per_batch):
-                    batch = slicers[start:start + per_batch]
+                start = 0
+                while start < len(slicers):
+                    batch = slicers[start:start + self._windows_per_batch()]
                     windows = torch.stack([data[s] for s in batch]).to(self.device, non_blocking=True)
-                    prediction = self._internal_maybe_mirror_and_predict(windows).to(results_device)
+                    try:
+                        prediction = self._internal_maybe_mirror_and_predict(windows).to(results_device)
+                    except _OOM:
+                        if self._batch() == 1:
+                            raise
+                        del windows
+                        empty_cache(self.device)
+                        self.inference_batch = self._batch() // 2
+                        _log(f"out of GPU memory in the network; now {self.inference_batch} inputs a forward pass")
+                        continue
                     for p, sl in zip(prediction, batch):
                         predicted_logits[sl] += p * gaussian
                         n_predictions[sl[1:]] += gaussian
+                    del prediction, windows
+                    start += len(batch)
                     pbar.update(len(batch))
             torch.div(predicted_logits, n_predictions, out=predicted_logits)
             if torch.any(torch.isinf(predicted_logits)):
