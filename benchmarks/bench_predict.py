@@ -305,7 +305,10 @@ def main(args):
         rows += export_rows(args, logits, shape_before, quick)
     if "device_export" in stages:
         rows += device_export_rows(args, logits, shape_before)
-    report("predict" if args.predict_device == "cpu" else f"predict_{args.predict_device}", rows,
+    default = "window,export" if args.predict_device == "cpu" else "window,device_export"
+    name = "predict" + ("" if args.predict_device == "cpu" else f"_{args.predict_device}") + \
+        ("" if ",".join(stages) == default else "_" + "_".join(stages))
+    report(name, rows,
            title="One full-size case: plain nnU-Net against the extension (seconds)",
            results_dir=getattr(args, "out", None) or RESULTS_DIR, plot=plot,
            extra={"quick": quick, "logits_shape": [4, *shape_after], "label_shape": list(shape_before),

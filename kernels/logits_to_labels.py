@@ -1,6 +1,8 @@
 """Class logits -> a label map at another shape: order-1 resampling fused with the argmax.
 
-`resample_argmax(logits, out, separate_axis, order_z, threads)` (Numba, CPU) and
+`resample_argmax(logits, out, separate_axis, order_z, threads)` (Numba, CPU), its variant
+`resample_softmax_argmax(logits, probabilities, out, ...)` that also writes the class
+probabilities (softmax of the resampled logits, nnU-Net's `--save_probabilities`), and
 `resample_logits_torch(logits, new_shape, separate_axis, order_z)` (torch, any device) take and
 give arrays/tensors and know nothing of nnU-Net; what picks the separate axis from the spacings
 and which plans may take this path lives on nnU-Net's side (nnunet_heart_ext/prediction_export.py).
@@ -111,6 +113,91 @@ def _resample_argmax(src, dst, i0, w0, i1, w1, i2, w2, half):
 
 
 @njit(cache=True, parallel=True)
+def _resample_softmax_argmax(src, probs, dst, i0, w0, i1, w1, i2, w2, half):
+    """`_resample_argmax` that also writes the softmax of the resampled (float16-rounded) logits
+    into probs (C, *dst.shape) and takes the argmax of those probabilities (nnU-Net's order)."""
+    n_cls = src.shape[0]
+    n0, n1, n2 = dst.shape
+    n_in = src.shape[3]
+    nan = 0
+    for a in prange(n0):
+        rows = np.empty((n_cls, n_in), dtype=np.float32)
+        vals = np.empty(n_cls, dtype=np.float32)
+        bits = vals.view(np.uint32)
+        za, zb = i0[a, 0], i0[a, 1]
+        for b in range(n1):
+            ya, yb = i1[b, 0], i1[b, 1]
+            c00, c01 = w0[a, 0] * w1[b, 0], w0[a, 0] * w1[b, 1]
+            c10, c11 = w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1]
+            for c in range(n_cls):
+                r = rows[c]
+                s00, s01, s10, s11 = src[c, za, ya], src[c, za, yb], src[c, zb, ya], src[c, zb, yb]
+                for x in range(n_in):
+                    r[x] = c00 * s00[x] + c01 * s01[x] + c10 * s10[x] + c11 * s11[x]
+            for k in range(n2):
+                xa, xb = i2[k, 0], i2[k, 1]
+                wa, wb = w2[k, 0], w2[k, 1]
+                for c in range(n_cls):
+                    vals[c] = wa * rows[c, xa] + wb * rows[c, xb]
+                if half:
+                    for c in range(n_cls):
+                        u = bits[c]
+                        bits[c] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+                top = vals[0]
+                for c in range(1, n_cls):
+                    top = max(top, vals[c])
+                total = np.float32(0.0)
+                for c in range(n_cls):
+                    e = np.exp(vals[c] - top)
+                    vals[c] = e
+                    total += e
+                if total != total:
+                    nan += 1
+                best = np.float32(-1.0)
+                arg = 0
+                for c in range(n_cls):
+                    p = vals[c] / total
+                    probs[c, a, b, k] = p
+                    if p > best:
+                        best = p
+                        arg = c
+                dst[a, b, k] = arg
+    return nan
+
+
+def resample_softmax_argmax(logits: np.ndarray, probabilities: np.ndarray, out: np.ndarray,
+                            separate_axis: Optional[int] = None, order_z: int = 0,
+                            threads: Optional[int] = None) -> int:
+    """`resample_argmax` that also writes the class probabilities (softmax over C of the resampled
+    logits, float32) into `probabilities` (C, *out.shape; any strides, e.g. the crop of the
+    uncropped volume) and takes the argmax of those. Returns the count of voxels whose softmax
+    was NaN."""
+    if probabilities.shape != (logits.shape[0], *out.shape) or probabilities.dtype != np.float32:
+        raise ValueError(f"resample_softmax_argmax: probabilities must be float32 {(logits.shape[0], *out.shape)}, "
+                         f"got {probabilities.dtype} {probabilities.shape}")
+    _check(logits, out, separate_axis, order_z)
+    if 0 in out.shape:
+        return 0
+    if threads is not None:
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    half = logits.dtype == np.float16
+    src = _as_float32(logits)
+    flat = []
+    for idx, w in tables(src.shape[1:], out.shape, separate_axis, order_z):
+        flat += [idx, w]
+    return int(_resample_softmax_argmax(src, probabilities, out, *flat, half))
+
+
+def _check(logits, out, separate_axis, order_z):
+    if logits.ndim != 4 or out.ndim != 3:
+        raise ValueError(f"logits must be (C, Z, Y, X) and out 3-D, got {logits.shape}, {out.shape}")
+    if out.dtype.kind not in "iu" or logits.shape[0] > np.iinfo(out.dtype).max + 1:
+        raise ValueError(f"out must be an integer array holding {logits.shape[0]} labels, got {out.dtype}")
+    if separate_axis not in (None, 0, 1, 2) or order_z not in (0, 1):
+        raise ValueError(f"separate_axis {separate_axis!r}, order_z {order_z!r}")
+
+
+@njit(cache=True, parallel=True)
 def _half_to_float(src, dst, lut):
     n = src.shape[0]
     step = 1 << 16
@@ -144,13 +231,7 @@ def resample_argmax(logits: np.ndarray, out: np.ndarray, separate_axis: Optional
     out: a 3-D integer array (any strides, e.g. the crop of a larger volume) of the target shape.
     separate_axis / order_z: nnU-Net's separate-z path (see the module docstring).
     threads: Numba threads for this call (None: Numba's current setting)."""
-    if logits.ndim != 4 or out.ndim != 3:
-        raise ValueError(f"resample_argmax: logits must be (C, Z, Y, X) and out 3-D, got {logits.shape}, {out.shape}")
-    if out.dtype.kind not in "iu" or logits.shape[0] > np.iinfo(out.dtype).max + 1:
-        raise ValueError(f"resample_argmax: out must be an integer array holding {logits.shape[0]} labels, "
-                         f"got {out.dtype}")
-    if separate_axis not in (None, 0, 1, 2) or order_z not in (0, 1):
-        raise ValueError(f"resample_argmax: separate_axis {separate_axis!r}, order_z {order_z!r}")
+    _check(logits, out, separate_axis, order_z)
     if 0 in out.shape:
         return 0
     if threads is not None:

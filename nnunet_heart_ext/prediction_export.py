@@ -9,10 +9,10 @@ What differs from nnU-Net's export (`convert_predicted_logits_to_segmentation_wi
 - Without probabilities, the logits are resampled and arg-maxed in one Numba pass
   (kernels/logits_to_labels.py) straight into the crop of the full-size label map: nnU-Net
   resamples all C channels to a float array first (skimage, float64), then arg-maxes.
-- With probabilities, the logits are resampled by the Numba kernel (kernels/resample.py), the
-  softmax is torch's on every core, the argmax a Numba pass, and the `.npz` is written by the
-  threaded writer (kernels/npz.py): the same file np.load reads, >= 10x faster than
-  np.savez_compressed.
+- With probabilities, the same pass also writes the softmax of the resampled logits straight into
+  the uncropped probability volume (kernels/logits_to_labels.resample_softmax_argmax), and the
+  `.npz` is written by the threaded writer (kernels/npz.py): the same file np.load reads, written
+  >= 10x faster than np.savez_compressed (benchmarks/RESULTS.md).
 - On a GPU (`convert_on_device`), the predictor resamples, arg-maxes and reverts the crop on the
   device and hands the uint8 map (and the probabilities, when asked) to the export worker.
 This path applies when the plans resample probabilities with nnU-Net's default function or the
@@ -36,7 +36,6 @@ from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
 from nnunet_heart_ext.kernels import logits_to_labels, npz
-from nnunet_heart_ext.kernels import resample as resample_kernel
 from nnunet_heart_ext.resampling import _threads
 
 # resampling functions whose order-1 maths the kernels compute exactly (names as plans store them)
@@ -100,37 +99,29 @@ def convert_predicted_logits_to_segmentation_with_correct_shape(
     if isinstance(predicted_logits, torch.Tensor):
         predicted_logits = predicted_logits.cpu().numpy()
     threads = _threads()
-    shape_after = [int(i) for i in properties_dict["shape_after_cropping_and_before_resampling"]]
     seg = np.zeros(properties_dict["shape_before_cropping"], dtype=_label_dtype(label_manager))
     crop = seg[_crop(properties_dict["bbox_used_for_cropping"])]
     if not return_probabilities:
         _refuse_nan(logits_to_labels.resample_argmax(predicted_logits, crop, separate_axis, order_z, threads),
                     properties_dict)
         return seg.transpose(plans_manager.transpose_backward)
-    # probabilities: nnU-Net's order (resample the logits in their dtype, softmax in float32, argmax)
-    resampled = predicted_logits if list(predicted_logits.shape[1:]) == shape_after else \
-        resample_kernel.resample(predicted_logits, shape_after, False, 1, order_z, separate_axis, threads=threads)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        probabilities = torch.softmax(torch.from_numpy(resampled).float(), 0).numpy()
-    finally:
-        torch.set_num_threads(old_threads)
-    del resampled
-    if np.isnan(probabilities.sum()):  # softmax spreads a NaN over its voxel's classes
-        _refuse_nan(int(np.isnan(probabilities[0]).sum()), properties_dict)
-    crop[...] = probabilities.argmax(0)
-    full = label_manager.revert_cropping_on_probabilities(probabilities, properties_dict["bbox_used_for_cropping"],
-                                                          properties_dict["shape_before_cropping"])
+    # probabilities: nnU-Net's order (resampled logits in their dtype, softmax in float32, argmax of
+    # the probabilities), one pass straight into the uncropped volume (background 1 outside the crop)
+    bbox = _crop(properties_dict["bbox_used_for_cropping"])
+    full = np.zeros((predicted_logits.shape[0], *properties_dict["shape_before_cropping"]), dtype=np.float32)
+    full[0] = 1  # nnU-Net's revert_cropping_on_probabilities (no regions on this path)
+    nan = logits_to_labels.resample_softmax_argmax(predicted_logits, full[(slice(None), *bbox)], crop,
+                                                   separate_axis, order_z, threads)
+    _refuse_nan(nan, properties_dict)
     return seg.transpose(plans_manager.transpose_backward), \
         full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
 
 
-def convert_on_device(predicted_logits: torch.Tensor, plans_manager, configuration_manager, label_manager,
-                      properties_dict: dict, return_probabilities: bool = False):
-    """The same outputs as `convert_predicted_logits_to_segmentation_with_correct_shape`, computed
-    on the logits' device (the GPU); only the label map (and the probabilities) come back to the
-    host. None when the plans' resampling is not one the kernels compute (then use the CPU path)."""
+def _on_device(predicted_logits: torch.Tensor, plans_manager, configuration_manager, label_manager,
+               properties_dict: dict, return_probabilities: bool):
+    """(label map, probabilities or None) as tensors on the logits' device, in nnU-Net's
+    preprocessed axis order (transpose_backward not applied); None when the kernels do not cover
+    the plans' resampling."""
     fused = fused_resampling(plans_manager, configuration_manager, label_manager, properties_dict)
     if fused is None:
         return None
@@ -147,8 +138,7 @@ def convert_on_device(predicted_logits: torch.Tensor, plans_manager, configurati
     seg = torch.zeros(shape_before, dtype=label_dtype, device=resampled.device)
     if not return_probabilities:
         seg[bbox] = resampled.argmax(0).to(label_dtype)
-        out = seg.cpu().numpy()
-        return (out if label_dtype == torch.uint8 else out.astype(np.uint16)).transpose(plans_manager.transpose_backward)
+        return seg, None
     probabilities = torch.softmax(resampled.float(), 0)
     del resampled
     seg[bbox] = probabilities.argmax(0).to(label_dtype)
@@ -156,11 +146,42 @@ def convert_on_device(predicted_logits: torch.Tensor, plans_manager, configurati
                        device=probabilities.device)
     full[0] = 1
     full[(slice(None), *bbox)] = probabilities
-    del probabilities
+    return seg, full
+
+
+def convert_on_device(predicted_logits: torch.Tensor, plans_manager, configuration_manager, label_manager,
+                      properties_dict: dict, return_probabilities: bool = False):
+    """The same outputs as `convert_predicted_logits_to_segmentation_with_correct_shape`, computed
+    on the logits' device (the GPU); only the label map (and the probabilities) come back to the
+    host. None when the plans' resampling is not one the kernels compute (then use the CPU path)."""
+    out = _on_device(predicted_logits, plans_manager, configuration_manager, label_manager, properties_dict,
+                     return_probabilities)
+    if out is None:
+        return None
+    seg, probabilities = out
     seg_np = seg.cpu().numpy()
-    seg_np = seg_np if label_dtype == torch.uint8 else seg_np.astype(np.uint16)
-    return seg_np.transpose(plans_manager.transpose_backward), \
-        full.cpu().numpy().transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+    seg_np = (seg_np if seg_np.dtype == np.uint8 else seg_np.astype(np.uint16)).transpose(
+        plans_manager.transpose_backward)
+    if not return_probabilities:
+        return seg_np
+    return seg_np, probabilities.cpu().numpy().transpose([0] + [i + 1 for i in plans_manager.transpose_backward])
+
+
+def probabilities_at_original_shape(predicted_logits: torch.Tensor, plans_manager, configuration_manager,
+                                    label_manager, properties_dict: dict) -> torch.Tensor:
+    """The class probabilities of the case at its original shape and axis order, as the .npz of
+    --save_probabilities holds them (a float32 tensor): on the logits' device when the kernels cover
+    the plans' resampling, else computed by the CPU export (nnU-Net's where it is not covered)."""
+    out = None
+    if predicted_logits.device.type != "cpu":
+        out = _on_device(predicted_logits, plans_manager, configuration_manager, label_manager, properties_dict,
+                         True)
+    if out is not None:
+        return out[1].permute(0, *[i + 1 for i in plans_manager.transpose_backward])
+    _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+        predicted_logits.half().cpu().numpy(), plans_manager, configuration_manager, label_manager, properties_dict,
+        True)
+    return torch.from_numpy(np.ascontiguousarray(probabilities))
 
 
 def write_prediction(segmentation: np.ndarray, probabilities: Optional[np.ndarray], properties_dict: dict,
