@@ -24,6 +24,7 @@ and Dice per class).
 """
 import json
 import os
+import shutil
 import tempfile
 import time
 from copy import deepcopy
@@ -125,10 +126,11 @@ def export_rows(args, logits, shape_before, quick):
     if args.predict_skip_default:
         variants = variants[1:]
     small = logits[:, :12, :20, :20].copy()  # compile / load the Numba kernels outside the timings
-    prediction_export.convert_predicted_logits_to_segmentation_with_correct_shape(
-        small, PlansManager(plans_with(variants[-1][1])), PlansManager(plans_with(variants[-1][1])).get_configuration(
-            "3d_fullres"), PlansManager(plans_with(variants[-1][1])).get_label_manager(DATASET_JSON),
-        properties(small.shape[1:], (12, 22, 22)), True)
+    warm = PlansManager(plans_with(variants[-1][1]))
+    for probabilities in (False, True):
+        prediction_export.convert_predicted_logits_to_segmentation_with_correct_shape(
+            small, warm, warm.get_configuration("3d_fullres"), warm.get_label_manager(DATASET_JSON),
+            properties(small.shape[1:], (12, 22, 22)), probabilities)
     for probabilities in (False, True):
         for name, resampling, export in variants:
             if probabilities and name not in ("nnU-Net default", "extension (fused)", "nnU-Net torchres"):
@@ -147,8 +149,8 @@ def export_rows(args, logits, shape_before, quick):
                    "npz_MB": (out / "case.npz").stat().st_size / 2 ** 20 if probabilities else None}
             rows.append(row)
             print(row, flush=True)
-            for f in out.iterdir():
-                f.unlink()
+            shutil.rmtree(out)
+    shutil.rmtree(work, ignore_errors=True)
     # speed-ups and label agreement, side by side in this run
     for row in rows:
         probabilities = row["stage"].startswith("export +")

@@ -3,6 +3,7 @@
     nnunet-heart phantom  --out DIR [--train 8] [--test 4] [--seed 0] [--full-size]
     nnunet-heart prepare  --src DIR [--test-dir DIR] [--link] [--raw DIR] [--dataset Dataset100_Heart]
     nnunet-heart export   --pred DIR --images DIR --out predict.zip
+    nnunet-heart predict-ensemble -i DIR -o DIR -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4]
     nnunet-heart pipeline --src DIR | --demo [options]   (what ensemble_pipeline.sh runs; --help)
 
 Invalid input is reported one problem per line, each naming its file, with exit status 1 and
@@ -29,10 +30,21 @@ def _export(args):
     export(args.pred, args.images, args.out)
 
 
+def _predict_ensemble(args):
+    from nnunet_heart_ext.ensemble_predict import predict_ensemble
+    folds = [f if f == "all" else int(f) for f in args.f]
+    try:
+        predict_ensemble(args.m, args.i, args.o, folds, args.chk, args.device, not args.disable_tta, args.num_parts,
+                         args.part_id, overwrite=not args.continue_prediction)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or model folders: the message names them
+        print(f"nnunet-heart predict-ensemble: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,pipeline}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,predict-ensemble,pipeline}")
 
     p = sub.add_parser("phantom", help="write a synthetic heart CT dataset in the organizer's layout")
     p.add_argument("--out", required=True, help="folder to create (new, empty, or an earlier phantom)")
@@ -57,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="the test images predicted (imagesTs or testing_image)")
     p.add_argument("--out", required=True, help="zip to write, e.g. predict.zip")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("predict-ensemble", help="several models' ensemble of a test folder in one process: "
+                                                "nnUNetv2_predict --save_probabilities + nnUNetv2_ensemble without "
+                                                "the .npz files")
+    p.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, as for nnUNetv2_predict)")
+    p.add_argument("-o", required=True, help="output folder for the ensemble's label maps")
+    p.add_argument("-m", nargs="+", required=True, help="trained model folders (TRAINER__PLANS__CONFIGURATION)")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds of every model (default 0-4)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring")
+    p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
+    p.add_argument("-part_id", type=int, default=0, help="the part this process predicts (0-based)")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases already written")
+    p.set_defaults(run=_predict_ensemble)
 
     sub.add_parser("pipeline", help="organizer files -> predict.zip with the official commands, here or on "
                                     "Slurm (what ensemble_pipeline.sh runs; `nnunet-heart pipeline --help`)",

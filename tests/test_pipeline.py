@@ -355,8 +355,10 @@ def _ensemble_wins(work: Path, models: list, fold: int):
 
 @pytest.mark.slow
 def test_ensemble_of_two_configurations(runs, setup, tmp_path):
-    """--configs 2d,3d_fullres: find_best_configuration picks the ensemble, both models predict
-    with probabilities, nnUNetv2_ensemble averages them, postprocessing and export follow."""
+    """--configs 2d,3d_fullres: find_best_configuration picks the ensemble, nnunet-heart
+    predict-ensemble averages both models' probabilities in memory (no .npz written), postprocessing
+    and export follow; the ensemble equals nnUNetv2_predict --save_probabilities of each model +
+    nnUNetv2_ensemble."""
     work = tmp_path / "work"
     for folder in ("nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(runs["work"] / folder, work / folder, symlinks=True)
@@ -371,11 +373,25 @@ def test_ensemble_of_two_configurations(runs, setup, tmp_path):
     p = _run(setup, "--work", str(work), "--folds", "0", "--configs", "2d,3d_fullres", "--parallel", "2")
     out = p.stdout
     assert "chosen: 2d + 3d_fullres" in out
-    for config in ("2d", "3d_fullres"):
-        assert f"predict_{config}_part0 started" in out
-        pred = work / "predictions" / f"{TRAINER}_HeartDemoPlans_{config}"
-        assert sorted(f.name for f in pred.glob("*.npz")) == [f"{c}.npz" for c in TEST_CASES]
-    assert "$ nnUNetv2_ensemble -i" in out
+    assert "predict_ensemble_part0 started" in out and "$ nnunet-heart predict-ensemble -i" in out
+    ensemble = work / "predictions" / "ensemble"
+    assert sorted(f.name for f in ensemble.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in TEST_CASES]
+    assert not list((work / "predictions").rglob("*.npz")), "no probability file round trip"
+    # the official route gives the same label maps
+    results = work / "nnUNet_results" / "Dataset100_Heart"
+    env = dict(setup["env"], nnUNet_raw=str(work / "nnUNet_raw"),
+               nnUNet_preprocessed=str(work / "nnUNet_preprocessed"), nnUNet_results=str(work / "nnUNet_results"))
+    images = work / "nnUNet_raw" / "Dataset100_Heart" / "imagesTs"
+    for model in models:
+        subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"), "-i", str(images), "-o", str(tmp_path / model),
+                        "-m", str(results / model), "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1",
+                        "-nps", "1"], env=env, check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_ensemble"), "-i", *(str(tmp_path / m) for m in models), "-o", str(tmp_path / "ens"),
+                    "-np", "1"], env=env, check=True, capture_output=True)
+    for case in TEST_CASES:
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(ensemble / f"{case}.nii.gz")))
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ens" / f"{case}.nii.gz")))
+        assert (ours == theirs).mean() >= 0.999, case
     info = json.loads((work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").read_text())
     pp_pkl = info["best_model_or_ensemble"]["postprocessing_file"]
     assert "ensembles" in pp_pkl and f"-pp_pkl_file {pp_pkl}" in out

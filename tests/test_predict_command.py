@@ -167,3 +167,45 @@ def test_bad_models_end_with_nnunets_error_and_no_file(tmp_path, images):
     assert mismatched.returncode != 0 and "size mismatch" in mismatched.stderr
     for out in (tmp_path / "a", tmp_path / "b"):
         assert not list(out.glob("*.nii.gz")) if out.exists() else True
+
+
+@pytest.mark.slow
+def test_predict_ensemble_equals_predict_with_probabilities_and_nnunets_ensemble(tmp_path, images):
+    """nnunet-heart predict-ensemble of two models (no .npz written) against nnUNetv2_predict
+    --save_probabilities of each and nnUNetv2_ensemble."""
+    first = model_folder(tmp_path / "a", "HeartTrainer", plans(), folds=(0,))
+    second_plans = plans("OtherPlans")
+    second_plans["configurations"]["3d_fullres"]["spacing"] = [1.2, 1.1, 1.1]  # other preprocessing too
+    second = model_folder(tmp_path / "b", "HeartTrainer", second_plans, folds=(1,))
+    env = dict(os.environ, nnUNet_def_n_proc="1")
+    env.pop("TRITON_INTERPRET", None)
+    official = []
+    for model, fold in ((first, "0"), (second, "1")):
+        predict(model, images, tmp_path / model.name, "--save_probabilities", folds=(fold,))
+        official.append(str(tmp_path / model.name))
+    subprocess.run([str(BIN / "nnUNetv2_ensemble"), "-i", *official, "-o", str(tmp_path / "ens"), "-np", "1"],
+                   env=env, check=True, capture_output=True)
+    # each model with its own folds: the command takes one -f for all models, so fold 0 of both
+    (second / "fold_0").mkdir()
+    (second / "fold_0" / "checkpoint_final.pth").write_bytes((second / "fold_1" / "checkpoint_final.pth").read_bytes())
+    out = tmp_path / "ours"
+    proc = subprocess.run([str(BIN / "nnunet-heart"), "predict-ensemble", "-i", str(images), "-o", str(out),
+                           "-m", str(first), str(second), "-f", "0", "-device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not list(out.glob("*.npz"))
+    for case in ("iso", "aniso"):
+        ref, got = labels(tmp_path / "ens", case), labels(out, case)
+        inner = (slice(2, -2),) * 3
+        assert got.shape == ref.shape and (got[inner] == ref[inner]).mean() >= 0.999, case
+    # models that predict other labels are refused before any prediction, naming them
+    other = plans("ThirdPlans")
+    third = model_folder(tmp_path / "c", "HeartTrainer", other, folds=(0,))
+    dataset = json.loads((third / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "heart": 1, "x": 2, "y": 3}
+    (third / "dataset.json").write_text(json.dumps(dataset))
+    bad = subprocess.run([str(BIN / "nnunet-heart"), "predict-ensemble", "-i", str(images), "-o", str(tmp_path / "bad"),
+                          "-m", str(first), str(third), "-f", "0", "-device", "cpu"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and str(third) in bad.stderr and "labels" in bad.stderr
+    assert not list((tmp_path / "bad").glob("*.nii.gz")) if (tmp_path / "bad").exists() else True

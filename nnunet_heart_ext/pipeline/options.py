@@ -64,9 +64,9 @@ same command after a stop), and logs each command line before it runs. Steps:
                a fold with checkpoint_final.pth is finished, one with a checkpoint continues (--c)
   validate     nnUNetv2_train --val --npz, only for folds whose validation outputs are missing
   best         nnUNetv2_find_best_configuration over CONFIGS and FOLDS
-  predict      nnUNetv2_predict with the chosen configuration(s) and all FOLDS (parts split
-               over the GPUs; --save_probabilities and nnUNetv2_ensemble only when the best
-               is an ensemble of configurations)
+  predict      nnUNetv2_predict with the chosen configuration and all FOLDS (parts split over
+               the GPUs); when the best is an ensemble of configurations, nnunet-heart
+               predict-ensemble averages their probabilities in memory (no .npz round trip)
   postprocess  nnUNetv2_apply_postprocessing with the chosen postprocessing.pkl
   export       nnunet-heart export -> predict.zip (flat, CASE_predict.nii.gz)
   score        (--demo only) Dice per class of predict.zip against the synthetic ground truth

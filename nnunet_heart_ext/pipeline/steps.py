@@ -17,8 +17,9 @@ What each step's outputs are:
   validate     fold_F/validation: summary.json newer than the checkpoint, a segmentation and .npz
                for each validation case of splits_final.json
   best         inference_information.json for these models and folds, newer than every validation
-  predict      one complete segmentation per test image (and .npz when an ensemble needs it),
-               newer than the model choice and than the image; the ensemble's newer than its members'
+  predict      one complete segmentation per test image, newer than the model choice and than the
+               image (in predictions/ensemble when the best is an ensemble: `nnunet-heart
+               predict-ensemble` averages the models' probabilities in memory, no .npz)
   postprocess  one complete segmentation per test image, newer than the prediction it came from
   export       the zip holding exactly CASE_predict.nii.gz of every postprocessed case, newer than them
   score        test_dice.json newer than the zip
@@ -585,69 +586,79 @@ class Predict(Step):
         return problems
 
     def ensemble_problems(self, models: List[dict]) -> Dict[str, str]:
-        problems = {}
-        for case in self.test_cases():
-            members = [self.pred_dir(m) / ds.PREDICTION.name(case) for m in models]
-            p = segmentation_problem(self.ensemble_dir / ds.PREDICTION.name(case), _newest(members))
-            if p:
-                problems[case] = p
-        return problems
+        chosen_at = _mtime(self.ctx.inference_information)
+        return {case: p for case, image in self.test_cases().items()
+                for p in [segmentation_problem(self.ensemble_dir / ds.PREDICTION.name(case),
+                                               max(chosen_at, _mtime(image)))] if p}
 
     def check(self) -> Check:
         if not self.ctx.inference_information.is_file():
             return Check(False, f"{self.ctx.inference_information} is missing (best first)")
         models = self.models()
         n = len(self.test_cases())
-        for m in models:
-            problems = self.model_problems(m, len(models) > 1)
-            if problems:
-                return Check(False, _first(problems, n, self.pred_dir(m)))
         if len(models) > 1:
             problems = self.ensemble_problems(models)
             if problems:
                 return Check(False, _first(problems, n, self.ensemble_dir))
+            return Check(True, f"{n} test case(s) in {self.final_dir()}")
+        problems = self.model_problems(models[0], False)
+        if problems:
+            return Check(False, _first(problems, n, self.pred_dir(models[0])))
         return Check(True, f"{n} test case(s) in {self.final_dir()}")
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
         models = self.models(assume)
-        ensemble = len(models) > 1
-        todo = [m for m in models if forced or not self.ctx.inference_information.is_file()
-                or self.model_problems(m, ensemble)]
+        chosen = self.ctx.inference_information.is_file()
+        if len(models) == 1 or not chosen:  # before the best step (a dry run): every configuration's command
+            for m in models:
+                if forced or not chosen or self.model_problems(m, False):
+                    yield self._model_wave(m, forced, "" if chosen else "# the model nnUNetv2_find_best_configuration "
+                                                                         "picks; shown: every configuration")
+        if len(models) > 1 and (forced or not chosen or self.ensemble_problems(models)):
+            yield self._ensemble_wave(models, forced, "" if chosen else "# only if the best is an ensemble")
+
+    def _tail(self) -> List[str]:
+        return ["-f", *map(str, self.o.folds), "-chk", self.o.checkpoint, "-device", self.o.device]
+
+    def _model_wave(self, m: dict, forced: bool, comment: str) -> Wave:
         parts = max(1, len(self.ctx.slots))
-        jobs = []
-        for m in todo:
-            for i in range(parts):
-                jobs.append(Job(f"predict_{m['configuration']}_part{i}", [
-                    "nnUNetv2_predict", "-i", str(self.ctx.raw.images_ts), "-o", str(self.pred_dir(m)),
-                    "-d", str(ds.DATASET_ID), "-tr", m["trainer"], "-p", m["plans_identifier"],
-                    "-c", m["configuration"], "-f", *map(str, self.o.folds), "-chk", self.o.checkpoint,
-                    "-device", self.o.device, *(["-npp", self.ctx.n_proc, "-nps", self.ctx.n_proc] if self.ctx.n_proc
-                                                else []),
-                    "--continue_prediction", "--disable_progress_bar", "-num_parts", str(parts), "-part_id", str(i),
-                    *(["--save_probabilities"] if ensemble else []), *(["--disable_tta"] if self.o.no_tta else [])],
-                    self.ctx.log(f"predict_{m['configuration']}_part{i}"), slot=True))
+        jobs = [Job(f"predict_{m['configuration']}_part{i}", [
+            "nnUNetv2_predict", "-i", str(self.ctx.raw.images_ts), "-o", str(self.pred_dir(m)),
+            "-d", str(ds.DATASET_ID), "-tr", m["trainer"], "-p", m["plans_identifier"], "-c", m["configuration"],
+            *self._tail(), *(["-npp", self.ctx.n_proc, "-nps", self.ctx.n_proc] if self.ctx.n_proc else []),
+            "--continue_prediction", "--disable_progress_bar", "-num_parts", str(parts), "-part_id", str(i),
+            *(["--disable_tta"] if self.o.no_tta else [])],
+            self.ctx.log(f"predict_{m['configuration']}_part{i}"), slot=True) for i in range(parts)]
 
         def before():
             # cut-short, stale or (forced) all outputs go, so that --continue_prediction redoes them
-            for m in todo:
-                d = self.pred_dir(m)
-                if forced:
-                    shutil.rmtree(d, ignore_errors=True)
-                    continue
-                for case in self.model_problems(m, ensemble):
-                    for f in (d / ds.PREDICTION.name(case), d / ds.PROBABILITIES.name(case)):
-                        f.unlink(missing_ok=True)
+            d = self.pred_dir(m)
+            if forced:
+                shutil.rmtree(d, ignore_errors=True)
+                return
+            for case in self.model_problems(m, False):
+                (d / ds.PREDICTION.name(case)).unlink(missing_ok=True)
 
-        if jobs:
-            comment = "" if self.ctx.inference_information.is_file() else \
-                "# the models are those nnUNetv2_find_best_configuration picks; shown: every configuration"
-            yield Wave(jobs, before=before, comment=comment)
-        if ensemble and (forced or todo or assume or self.ensemble_problems(models)):
-            yield Wave([Job("ensemble", ["nnUNetv2_ensemble", "-i", *(str(self.pred_dir(m)) for m in models),
-                                         "-o", str(self.ensemble_dir), "-np", self.ctx.n_proc_or_default],
-                            self.ctx.log("ensemble"))],
-                       before=lambda: shutil.rmtree(self.ensemble_dir, ignore_errors=True),
-                       comment="# only if the best is an ensemble" if assume else "")
+        return Wave(jobs, before=before, comment=comment)
+
+    def _ensemble_wave(self, models: List[dict], forced: bool, comment: str) -> Wave:
+        """The models' probabilities averaged in one process per part (on its GPU), no .npz files."""
+        parts = max(1, len(self.ctx.slots))
+        folders = [str(self.ctx.model_dir(m["configuration"], m["trainer"], m["plans_identifier"])) for m in models]
+        jobs = [Job(f"predict_ensemble_part{i}", [
+            "nnunet-heart", "predict-ensemble", "-i", str(self.ctx.raw.images_ts), "-o", str(self.ensemble_dir),
+            "-m", *folders, *self._tail(), "--continue_prediction", "-num_parts", str(parts), "-part_id", str(i),
+            *(["--disable_tta"] if self.o.no_tta else [])],
+            self.ctx.log(f"predict_ensemble_part{i}"), slot=True) for i in range(parts)]
+
+        def before():
+            if forced:
+                shutil.rmtree(self.ensemble_dir, ignore_errors=True)
+                return
+            for case in self.ensemble_problems(models):
+                (self.ensemble_dir / ds.PREDICTION.name(case)).unlink(missing_ok=True)
+
+        return Wave(jobs, before=before, comment=comment)
 
 
 class Postprocess(Step):

@@ -1,0 +1,104 @@
+"""Several models' test-set ensemble in one process: no probability file round trip.
+
+`nnunet-heart predict-ensemble -i IMAGES -o OUT -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4]`
+gives what `nnUNetv2_predict --save_probabilities` per model followed by `nnUNetv2_ensemble`
+gives (the label map of the mean of the models' class probabilities at each case's original
+shape), without writing, reading and deleting a 1.4 GB .npz per model and case: each case is
+preprocessed with each model's plans (nnU-Net's preprocessor), its logits predicted by nnU-Net's
+predictor of that model (HeartPredictor for HeartTrainer models, nnunet_heart_ext/predictor.py),
+turned into probabilities at the original shape (on the GPU when the logits are there,
+nnunet_heart_ext/prediction_export.py), and summed where they are; the argmax of the mean is
+written with the first model's image writer, atomically. `-num_parts/-part_id` split the cases as
+nnU-Net's commands do (the pipeline gives one part to each GPU slot), and
+`--continue_prediction` skips cases whose label map exists.
+
+The models must predict the same labels from the same input channels (nnU-Net's ensembling
+assumes it too); otherwise this stops before predicting anything, naming the models.
+"""
+import os
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+from tqdm import tqdm
+
+from nnunet_heart_ext import prediction_export
+
+
+def _predictor(folder: str, folds, checkpoint: str, device: torch.device, use_mirroring: bool) -> nnUNetPredictor:
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=True, device=device, verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, folds, checkpoint)
+    return predictor
+
+
+def _check_compatible(predictors: List[nnUNetPredictor], folders: Sequence[str]) -> None:
+    first = predictors[0]
+    for p, folder in zip(predictors[1:], folders[1:]):
+        for key in ("labels", "channel_names", "file_ending"):
+            if p.dataset_json.get(key) != first.dataset_json.get(key):
+                raise ValueError(f"predict-ensemble: {folder} and {folders[0]} differ in dataset.json's {key!r} "
+                                 f"({p.dataset_json.get(key)} vs {first.dataset_json.get(key)}): they cannot be "
+                                 "ensembled")
+
+
+def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_folder: str, folds=None,
+                     checkpoint: str = "checkpoint_final.pth", device: str = "cuda", use_mirroring: bool = True,
+                     num_parts: int = 1, part_id: int = 0, overwrite: bool = True) -> List[str]:
+    """Write OUT/CASE<file_ending> for every case of this part; return the cases written."""
+    if len(model_folders) < 1:
+        raise ValueError("predict-ensemble: give at least one model folder (-m)")
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"predict-ensemble: part_id {part_id} must be in [0, num_parts={num_parts})")
+    for folder in model_folders:
+        if not (Path(folder) / "plans.json").is_file():
+            raise FileNotFoundError(f"predict-ensemble: {folder} is not a trained model folder (no plans.json)")
+    if not Path(input_folder).is_dir():
+        raise FileNotFoundError(f"predict-ensemble: no input folder {input_folder}")
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("predict-ensemble: -device cuda but torch sees no CUDA device")
+    predictors = [_predictor(f, folds, checkpoint, torch_device, use_mirroring) for f in model_folders]
+    _check_compatible(predictors, model_folders)
+    first = predictors[0]
+    ending = first.dataset_json["file_ending"]
+    cases = create_lists_from_splitted_dataset_folder(input_folder, ending)[part_id::num_parts]
+    os.makedirs(output_folder, exist_ok=True)
+    save_json({"models": [str(f) for f in model_folders], "folds": folds, "checkpoint": checkpoint,
+               "use_mirroring": use_mirroring}, os.path.join(output_folder, "predict_ensemble_args.json"))
+    written = []
+    for files in tqdm(cases, desc="cases", disable=len(cases) < 2):
+        case = os.path.basename(files[0])[:-(len(ending) + 5)]
+        out = os.path.join(output_folder, case)
+        if not overwrite and os.path.isfile(out + ending):
+            continue
+        total, properties = None, None
+        for predictor in predictors:
+            preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+            data, _, props = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                   predictor.configuration_manager, predictor.dataset_json)
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+            probabilities = prediction_export.probabilities_at_original_shape(
+                logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, props)
+            del logits
+            if total is None:
+                total, properties = probabilities, props
+            else:
+                try:
+                    total += probabilities.to(total.device)
+                except torch.cuda.OutOfMemoryError:
+                    total = total.cpu()
+                    total += probabilities.cpu()
+            del probabilities
+        total /= len(predictors)
+        segmentation = first.label_manager.convert_probabilities_to_segmentation(total.cpu())
+        del total
+        segmentation = segmentation.numpy() if isinstance(segmentation, torch.Tensor) else segmentation
+        prediction_export.write_prediction(segmentation, None, properties, first.plans_manager, first.dataset_json,
+                                           out)
+        print(f"{case}: ensemble of {len(predictors)} model(s) written", flush=True)
+        written.append(case)
+    return written
