@@ -144,7 +144,7 @@ def cpu_rows(rounds: int, extra: dict) -> list:
         augment_cpu.append(time.process_time() - c0)
     box_voxels = [sum(d[0].numel() for d in b["data"]) for b in batches]
     extra["heart_box_voxels_per_batch_median"] = float(np.median(box_voxels))
-    extra["spatial_samples_share"] = float(np.mean([b["params"]["spatial"].float().mean() for b in batches]))
+    extra["spatial_samples_share"] = float(np.mean([np.mean(b["params"]["spatial"]) for b in batches]))
     # the mean is the cost per batch over a run (the transforms that fire vary from batch to batch)
     base = float(np.mean(cpu["nnUNetTrainer"]))
     rows = [{"device": "cpu", "path": f"{name} loader next() (nnUNet_n_proc_DA=0)",

@@ -60,6 +60,7 @@ differs per sample (their own grid, low-resolution shape or flip axes).
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +78,13 @@ SEG_PAD = -1  # nnU-Net pads segmentations with -1 (loader and spatial transform
 SCORE_SCALE = 1000.0  # batchgeneratorsv2's indicator scale; scores are compared in fp16
 BLUR_TRUNCATE = 6.0
 EPS = 1e-7
+
+
+def as_tensors(params: dict) -> dict:
+    """`sample_parameters`' dict with numpy arrays (how loader workers send it: pickled inline,
+    where each tensor would cost a shared-memory segment and a file descriptor) back as tensors
+    (no copy); tensors pass through."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in params.items()}
 
 
 class DeviceAugmentation:
@@ -167,6 +175,7 @@ class DeviceAugmentation:
         its transform reads: the patch itself without rotation and scaling, else the voxels
         around every sample point (trilinear reads the two neighbours per axis), clipped."""
         S, P = [int(s) for s in enlarged_shape], self.patch_size
+        params = as_tensors(params)
         if not bool(params["spatial"][b]):
             return tuple((s // 2 - p // 2, s // 2 - p // 2 + p) for s, p in zip(S, P))
         A = self.affine(params["angles"][b:b + 1], params["scale"][b:b + 1])[0]
@@ -209,6 +218,7 @@ class DeviceAugmentation:
         """As `apply`, for samples given as boxes of their enlarged patch: data[b] (C, *box_b)
         and seg[b] (1, *box_b) start at offsets[b] within a patch of `enlarged_shape` and hold at
         least what `sample_box` asks for."""
+        params = as_tensors(params)
         B = len(data)
         device = data[0].device
         C = data[0].shape[0]

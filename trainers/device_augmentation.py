@@ -47,7 +47,10 @@ class HeartDataLoader(nnUNetDataLoader):
     """nnUNetDataLoader that hands out boxes and augmentation parameters instead of augmented
     patches: {'data': [(C, *box_b) float32], 'target': [(1, *box_b) int8/int16],
     'offsets': [box_b's start in the enlarged patch], 'enlarged_shape': the enlarged patch,
-    'params': dict of (B, ...) CPU tensors, 'keys': case ids}."""
+    'params': dict of (B, ...) numpy arrays (kernels.augment.as_tensors), 'keys': case ids}."""
+
+    # the augmentation parameters as numpy arrays (False: tensors, as before; benchmarks/bench_loader.py)
+    send_params_as_numpy = True
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
                  augmentation: DeviceAugmentation, class_weights: Optional[Dict[int, float]] = None, **kwargs):
@@ -81,8 +84,12 @@ class HeartDataLoader(nnUNetDataLoader):
             data.append(torch.from_numpy(crop_and_pad_nd(image, bbox, 0, cast_cropped_to=np.float32)))
             target.append(torch.from_numpy(crop_and_pad_nd(seg, bbox, SEG_PAD, cast_cropped_to=self.seg_dtype)))
             offsets.append([lo for lo, _ in box])
+        # the parameters travel as numpy arrays, pickled inline: as tensors each of the ~20 would be
+        # a shared-memory segment whose file descriptor the main process receives and maps, batch
+        # after batch (kernels.augment.as_tensors turns them back, without a copy)
         return {"data": data, "target": target, "offsets": offsets, "enlarged_shape": [int(i) for i in self.patch_size],
-                "params": params, "keys": keys}
+                "params": {k: v.numpy() for k, v in params.items()} if self.send_params_as_numpy else params,
+                "keys": keys}
 
     @staticmethod
     def case_probabilities(data, class_weights: Dict[int, float]) -> np.ndarray:
