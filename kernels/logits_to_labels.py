@@ -69,36 +69,43 @@ def tables(in_shape: Sequence[int], out_shape: Sequence[int], separate_axis: Opt
             for a, (i, o) in enumerate(zip(in_shape, out_shape))]
 
 
-# ----------------------------------------------------------------------------- Numba kernel
+# ----------------------------------------------------------------------------- Numba kernels
+@njit(cache=True, inline="always")
+def _blend_rows(src, rows, za, zb, ya, yb, c00, c01, c10, c11):
+    """rows[c] = the 4 input rows around one output row, blended (the z and y taps), per class."""
+    for c in range(src.shape[0]):
+        r = rows[c]
+        s00, s01, s10, s11 = src[c, za, ya], src[c, za, yb], src[c, zb, ya], src[c, zb, yb]
+        for x in range(r.shape[0]):
+            r[x] = c00 * s00[x] + c01 * s01[x] + c10 * s10[x] + c11 * s11[x]
+
+
+@njit(cache=True, inline="always")
+def _tap_values(rows, vals, bits, xa, xb, wa, wb, half):
+    """vals[c] = the x taps of rows[c]; with `half`, rounded to float16's 10 mantissa bits, to
+    nearest even (normal range; `bits` is vals viewed as uint32)."""
+    for c in range(vals.shape[0]):
+        vals[c] = wa * rows[c, xa] + wb * rows[c, xb]
+    if half:
+        for c in range(vals.shape[0]):
+            u = bits[c]
+            bits[c] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+
+
 @njit(cache=True, parallel=True)
 def _resample_argmax(src, dst, i0, w0, i1, w1, i2, w2, half):
     n_cls = src.shape[0]
     n0, n1, n2 = dst.shape
-    n_in = src.shape[3]
     nan = 0
     for a in prange(n0):
-        rows = np.empty((n_cls, n_in), dtype=np.float32)
+        rows = np.empty((n_cls, src.shape[3]), dtype=np.float32)
         vals = np.empty(n_cls, dtype=np.float32)
         bits = vals.view(np.uint32)
-        za, zb = i0[a, 0], i0[a, 1]
         for b in range(n1):
-            ya, yb = i1[b, 0], i1[b, 1]
-            c00, c01 = w0[a, 0] * w1[b, 0], w0[a, 0] * w1[b, 1]
-            c10, c11 = w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1]
-            for c in range(n_cls):
-                r = rows[c]
-                s00, s01, s10, s11 = src[c, za, ya], src[c, za, yb], src[c, zb, ya], src[c, zb, yb]
-                for x in range(n_in):
-                    r[x] = c00 * s00[x] + c01 * s01[x] + c10 * s10[x] + c11 * s11[x]
+            _blend_rows(src, rows, i0[a, 0], i0[a, 1], i1[b, 0], i1[b, 1], w0[a, 0] * w1[b, 0],
+                        w0[a, 0] * w1[b, 1], w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1])
             for k in range(n2):
-                xa, xb = i2[k, 0], i2[k, 1]
-                wa, wb = w2[k, 0], w2[k, 1]
-                for c in range(n_cls):
-                    vals[c] = wa * rows[c, xa] + wb * rows[c, xb]
-                if half:  # round to float16's 10 mantissa bits, to nearest even (normal range)
-                    for c in range(n_cls):
-                        u = bits[c]
-                        bits[c] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+                _tap_values(rows, vals, bits, i2[k, 0], i2[k, 1], w2[k, 0], w2[k, 1], half)
                 best = vals[0]
                 arg = 0
                 for c in range(n_cls):
@@ -118,31 +125,16 @@ def _resample_softmax_argmax(src, probs, dst, i0, w0, i1, w1, i2, w2, half):
     into probs (C, *dst.shape) and takes the argmax of those probabilities (nnU-Net's order)."""
     n_cls = src.shape[0]
     n0, n1, n2 = dst.shape
-    n_in = src.shape[3]
     nan = 0
     for a in prange(n0):
-        rows = np.empty((n_cls, n_in), dtype=np.float32)
+        rows = np.empty((n_cls, src.shape[3]), dtype=np.float32)
         vals = np.empty(n_cls, dtype=np.float32)
         bits = vals.view(np.uint32)
-        za, zb = i0[a, 0], i0[a, 1]
         for b in range(n1):
-            ya, yb = i1[b, 0], i1[b, 1]
-            c00, c01 = w0[a, 0] * w1[b, 0], w0[a, 0] * w1[b, 1]
-            c10, c11 = w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1]
-            for c in range(n_cls):
-                r = rows[c]
-                s00, s01, s10, s11 = src[c, za, ya], src[c, za, yb], src[c, zb, ya], src[c, zb, yb]
-                for x in range(n_in):
-                    r[x] = c00 * s00[x] + c01 * s01[x] + c10 * s10[x] + c11 * s11[x]
+            _blend_rows(src, rows, i0[a, 0], i0[a, 1], i1[b, 0], i1[b, 1], w0[a, 0] * w1[b, 0],
+                        w0[a, 0] * w1[b, 1], w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1])
             for k in range(n2):
-                xa, xb = i2[k, 0], i2[k, 1]
-                wa, wb = w2[k, 0], w2[k, 1]
-                for c in range(n_cls):
-                    vals[c] = wa * rows[c, xa] + wb * rows[c, xb]
-                if half:
-                    for c in range(n_cls):
-                        u = bits[c]
-                        bits[c] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+                _tap_values(rows, vals, bits, i2[k, 0], i2[k, 1], w2[k, 0], w2[k, 1], half)
                 top = vals[0]
                 for c in range(1, n_cls):
                     top = max(top, vals[c])
@@ -165,6 +157,21 @@ def _resample_softmax_argmax(src, probs, dst, i0, w0, i1, w1, i2, w2, half):
     return nan
 
 
+def _kernel_arguments(logits, out, separate_axis, order_z, threads):
+    """What both kernels take after `logits` and `out` are checked: the float32 logits, the three
+    axis tables (flat) and whether to round as float16; None when `out` is empty."""
+    _check(logits, out, separate_axis, order_z)
+    if 0 in out.shape:
+        return None
+    if threads is not None:
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    src = _as_float32(logits)
+    flat = []
+    for idx, w in tables(src.shape[1:], out.shape, separate_axis, order_z):
+        flat += [idx, w]
+    return src, flat, logits.dtype == np.float16
+
+
 def resample_softmax_argmax(logits: np.ndarray, probabilities: np.ndarray, out: np.ndarray,
                             separate_axis: Optional[int] = None, order_z: int = 0,
                             threads: Optional[int] = None) -> int:
@@ -175,16 +182,10 @@ def resample_softmax_argmax(logits: np.ndarray, probabilities: np.ndarray, out: 
     if probabilities.shape != (logits.shape[0], *out.shape) or probabilities.dtype != np.float32:
         raise ValueError(f"resample_softmax_argmax: probabilities must be float32 {(logits.shape[0], *out.shape)}, "
                          f"got {probabilities.dtype} {probabilities.shape}")
-    _check(logits, out, separate_axis, order_z)
-    if 0 in out.shape:
+    args = _kernel_arguments(logits, out, separate_axis, order_z, threads)
+    if args is None:
         return 0
-    if threads is not None:
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    half = logits.dtype == np.float16
-    src = _as_float32(logits)
-    flat = []
-    for idx, w in tables(src.shape[1:], out.shape, separate_axis, order_z):
-        flat += [idx, w]
+    src, flat, half = args
     return int(_resample_softmax_argmax(src, probabilities, out, *flat, half))
 
 
@@ -231,16 +232,10 @@ def resample_argmax(logits: np.ndarray, out: np.ndarray, separate_axis: Optional
     out: a 3-D integer array (any strides, e.g. the crop of a larger volume) of the target shape.
     separate_axis / order_z: nnU-Net's separate-z path (see the module docstring).
     threads: Numba threads for this call (None: Numba's current setting)."""
-    _check(logits, out, separate_axis, order_z)
-    if 0 in out.shape:
+    args = _kernel_arguments(logits, out, separate_axis, order_z, threads)
+    if args is None:
         return 0
-    if threads is not None:
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    half = logits.dtype == np.float16
-    src = _as_float32(logits)
-    flat = []
-    for idx, w in tables(src.shape[1:], out.shape, separate_axis, order_z):
-        flat += [idx, w]
+    src, flat, half = args
     return int(_resample_argmax(src, out, *flat, half))
 
 

@@ -19,13 +19,11 @@ This path applies when the plans resample probabilities with nnU-Net's default f
 extension's Numba one, with order 1 (what every nnU-Net planner writes) and the labels are not
 regions; anything else goes to nnU-Net's own function, unchanged.
 
-Output files are written atomically: the label map under a temporary name in a hidden folder beside
-it, then moved into place; the .npz likewise (kernels/npz.py). NaN logits raise FloatingPointError
+Output files are written atomically: under a hidden temporary name beside them that ends like them
+(nnunet_heart_ext.io.replace_atomically, what the project's other writers use), then moved into
+place; the .npz likewise (kernels/npz.py). NaN logits raise FloatingPointError
 naming the case instead of writing an arbitrary label map.
 """
-import os
-import shutil
-import tempfile
 from typing import Optional, Union
 
 import numpy as np
@@ -35,6 +33,7 @@ from nnunetv2.configuration import ANISO_THRESHOLD, default_num_processes
 from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
+from nnunet_heart_ext.io import replace_atomically
 from nnunet_heart_ext.kernels import logits_to_labels, npz
 from nnunet_heart_ext.resampling import _threads
 
@@ -192,23 +191,10 @@ def write_prediction(segmentation: np.ndarray, probabilities: Optional[np.ndarra
         dataset_json_dict_or_file = load_json(dataset_json_dict_or_file)
     if probabilities is not None:
         npz.savez_compressed(output_file_truncated + ".npz", threads=_threads(), probabilities=probabilities)
-        _atomic(output_file_truncated + ".pkl", lambda tmp: save_pickle(properties_dict, tmp))
+        replace_atomically(lambda tmp: save_pickle(properties_dict, str(tmp)), output_file_truncated + ".pkl")
     rw = plans_manager.image_reader_writer_class()
-    _atomic(output_file_truncated + dataset_json_dict_or_file["file_ending"],
-            lambda tmp: rw.write_seg(segmentation, tmp, properties_dict))
-
-
-def _atomic(path: str, write) -> None:
-    """write(tmp_path) where tmp_path has path's name inside a hidden folder beside it (readers
-    choose formats by the file ending), then move it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp_dir = tempfile.mkdtemp(prefix=".heart_export_", dir=folder)
-    try:
-        tmp = os.path.join(tmp_dir, os.path.basename(path))
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    replace_atomically(lambda tmp: rw.write_seg(segmentation, str(tmp), properties_dict),
+                       output_file_truncated + dataset_json_dict_or_file["file_ending"])
 
 
 def export_prediction_from_logits(predicted_array_or_file: Union[np.ndarray, torch.Tensor], properties_dict: dict,
