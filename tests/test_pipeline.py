@@ -470,25 +470,34 @@ def test_demo_seed_picks_the_phantom_and_its_own_work_folder(tmp_path):
     assert job.argv[:2] == ["nnunet-heart", "phantom"] and job.argv[-2:] == ["--seed", "7"]
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(6))
 def test_demo_trains_a_fold_whose_validation_holds_every_label(tmp_path, seed):
     """nnUNetv2_find_best_configuration fails (IndexError) when a label is in none of the validation
     cases (its mean Dice is NaN): the demo's fold is chosen from nnU-Net's own split of the phantom's
-    cases so that a calcified case is among them, whatever the seed. The phantom's files are read
-    for the labels actually drawn; the split is nnU-Net's generate_crossval_split as do_split calls it."""
+    cases so that a calcified case is among them, whatever the seed; of those folds, the one that
+    trains on the most calcified cases. The phantom's files are read for the labels actually drawn;
+    the split is nnU-Net's generate_crossval_split as do_split calls it."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     from nnunet_heart_ext.phantom import make_phantom
-    from nnunet_heart_ext.pipeline.options import demo_fold, parse
+    from nnunet_heart_ext.pipeline.options import DEMO, demo_fold, parse
 
     o = parse(["--demo", "--seed", str(seed)], cwd=tmp_path)
     assert o.folds == [demo_fold(seed)] and o.parallel == 1
     assert parse(["--demo", "--seed", str(seed), "--folds", "0,1"], cwd=tmp_path).folds == [0, 1]  # yours win
-    out = make_phantom(tmp_path / "phantom", n_train=8, n_test=0, seed=seed)
+    out = make_phantom(tmp_path / "phantom", n_train=DEMO["n_train"], n_test=0, seed=seed)
     labels = {case: set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).tolist())
               for case, path in ((p.name[:11], p) for p in (out / "training_label").glob("*_gt.nii.gz"))}
-    split = generate_crossval_split(sorted(labels), seed=12345, n_splits=5)[o.folds[0]]
+    assert len(labels) == DEMO["n_train"]
+    splits = generate_crossval_split(sorted(labels), seed=12345, n_splits=5)
+    split = splits[o.folds[0]]
     assert set().union(*(labels[c] for c in split["val"])) == {0, 1, 2, 3}, (split, labels)
+
+    def calcified_in_training(s):
+        return sum(3 in labels[c] for c in s["train"])
+
+    eligible = [s for s in splits if any(3 in labels[c] for c in s["val"])]
+    assert calcified_in_training(split) == max(map(calcified_in_training, eligible)) >= 2, (split, labels)
 
 
 def test_gpu_slots_one_job_per_gpu_at_a_time(tmp_path):
