@@ -470,7 +470,7 @@ def test_demo_seed_picks_the_phantom_and_its_own_work_folder(tmp_path):
     assert job.argv[:2] == ["nnunet-heart", "phantom"] and job.argv[-2:] == ["--seed", "7"]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_demo_trains_a_fold_whose_validation_holds_every_label(tmp_path, seed):
     """nnUNetv2_find_best_configuration fails (IndexError) when a label is in none of the validation
     cases (its mean Dice is NaN): the demo's fold is chosen from nnU-Net's own split of the phantom's
