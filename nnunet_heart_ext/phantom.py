@@ -227,7 +227,8 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
     lab[vbox.slices][valve] = 2
 
     # calcifications: bright blobs of 1-2.5 mm radius (4-65 mm^3, like the AICUP 2025 cases' 59-1023
-    # voxels of ~0.06 mm^3) at the cusps' bases; at a coarse spacing a blob may cover few voxels
+    # voxels of ~0.06 mm^3) at the cusps' bases; at a coarse spacing a blob may cover few voxels, and
+    # at least the one nearest its centre
     if calcified:
         for _ in range(int(rng.integers(1, 5))):
             theta, rr = rng.uniform(0, 2 * np.pi), ao_r * rng.uniform(0.7, 1.0)
@@ -236,6 +237,11 @@ def synth_case(rng: np.random.Generator, anisotropic: bool = False, calcified: b
             radius = rng.uniform(1.0, 2.5)
             cbox = _Box(shape, spacing, at, np.full(3, radius + 1))
             blob = cbox.ellipsoid(at, np.eye(3), (radius,) * 3)
+            if not blob.any():  # smaller than the voxel grid (1 mm radius, ~4 mm slices): it still
+                # occupies the voxel it sits in, so a case drawn as calcified always holds calcium
+                dz, dy, dx = cbox.local(at, np.eye(3))
+                squared = dz * dz + dy * dy + dx * dx
+                blob = squared == squared.min() if squared.size else blob
             img[cbox.slices][blob] = rng.uniform(800.0, 1300.0)
             lab[cbox.slices][blob] = 3
 

@@ -146,3 +146,19 @@ def test_phantom_differs_says_when_it_would_write(tmp_path):
     assert phantom_differs(out, 3, 1, seed=4) is not None
     (out / "testing_label" / "patient0003_gt.nii.gz").unlink()
     assert "missing" in phantom_differs(out, 2, 1, seed=4)
+
+
+@pytest.mark.parametrize("seed, case", [(6, 7), (24, 2)])
+def test_a_calcification_smaller_than_a_voxel_still_labels_the_voxel_it_sits_in(seed, case):
+    """A 1 mm calcification between two ~4 mm slices covers no voxel centre; before, such a case was
+    drawn as calcified (`calcified_training_cases`) yet held no label 3, and the demo could pick a
+    fold whose validation had no calcium at all (find_best_configuration then fails). These two cases
+    had no calcium voxel; now each calcification marks at least the voxel nearest its centre, bright."""
+    from nnunet_heart_ext.phantom import _plan, synth_case
+
+    entry = _plan(24, 4, seed)[case]
+    assert entry["calcified"] and entry["anisotropic"]
+    image, label, spacing = synth_case(np.random.default_rng([seed, case]), entry["anisotropic"], True)
+    assert spacing[0] > 3.0
+    assert 1 <= (label == 3).sum() <= 4
+    assert image[label == 3].min() > image[label == 1].mean() + 150  # brighter than the muscle

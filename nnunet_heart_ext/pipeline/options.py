@@ -20,7 +20,7 @@ LAUNCHERS = ("local", "slurm")
 WORK_DEFAULT, DEMO_WORK_DEFAULT = "nnunet_data", "nnunet_demo"
 LOGS, PREDICTIONS, PHANTOM, SLURM = "logs", "predictions", "phantom", "slurm"
 SUBMISSION, TEST_DICE = "predict.zip", "test_dice.json"
-DEMO = dict(n_train=16, n_test=4, folds="0", parallel=1, planner="HeartDemoPlanner", plans="HeartDemoPlans",
+DEMO = dict(n_train=24, n_test=4, folds="0", parallel=1, planner="HeartDemoPlanner", plans="HeartDemoPlans",
             trainer="HeartTrainer_demo")
 SPLIT_SEED, N_FOLDS = 12345, 5  # nnUNetTrainer.do_split's default split
 
@@ -100,7 +100,7 @@ Options (environment variable in brackets; flags win):
   --only STEP[,..]   run just these steps (e.g. --only train --folds 3)
   --force STEP       redo STEP and every step after it (repeatable; --only limits it to STEP)
   --skip-disk-check  do not stop when the disk estimate says preprocessing will not fit
-  --demo             synthetic phantom (16 train, 4 test), CPU, HeartDemoPlanner/HeartDemoPlans,
+  --demo             synthetic phantom (24 train, 4 test), CPU, HeartDemoPlanner/HeartDemoPlans,
                      HeartTrainer_demo on one fold with both cores (of the folds whose validation
                      holds a calcified case, which nnUNetv2_find_best_configuration needs, the one
                      training on the most calcified cases),
