@@ -1,14 +1,18 @@
 """Packaging for nnunet-heart-ext.
 
-`kernels/` and `trainers/` live at the repository's top level but install as
-`nnunet_heart_ext.kernels` and `nnunet_heart_ext.trainers` (package_dir), never as top-level
-modules. The one-line `nnunet_heart_ext.pth` that registers the extension with nnU-Net (see
+Folders are import paths: every package is a folder under nnunet_heart_ext/ (kernels/,
+trainers/, data/, nnunet/, pipeline/), found by find_packages with no package_dir mapping. The
+top-level `kernels` and `trainers` are symlinks to nnunet_heart_ext/kernels and
+nnunet_heart_ext/trainers (the design card's names); the `include` filter keeps them from
+becoming top-level packages.
+
+The one-line `nnunet_heart_ext.pth` that registers the extension with nnU-Net (see
 nnunet_heart_ext/_hook.py) goes into site-packages for regular and editable installs alike;
 setuptools would otherwise leave it out of editable wheels.
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -50,12 +54,7 @@ setup(
     description="nnU-Net v2 extension for AICUP 2025 CT heart segmentation: trainers, plans, "
     "Triton/Numba kernels, and a one-command pipeline",
     python_requires=">=3.10",
-    packages=["nnunet_heart_ext", "nnunet_heart_ext.pipeline", "nnunet_heart_ext.kernels", "nnunet_heart_ext.trainers"],
-    package_dir={
-        "nnunet_heart_ext": "nnunet_heart_ext",
-        "nnunet_heart_ext.kernels": "kernels",
-        "nnunet_heart_ext.trainers": "trainers",
-    },
+    packages=find_packages(include=["nnunet_heart_ext", "nnunet_heart_ext.*"]),
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",
         "torch!=2.9.*",

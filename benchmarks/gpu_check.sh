@@ -31,8 +31,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   $(ls .whl/*.whl | grep -v nnunet_heart_ext) 2>&1 | tail -3 | tee -a "$LOG"
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . 2>&1 \
   | tail -3 | tee -a "$LOG"
-# python3 -P: the working tree's nnunet_heart_ext/ (without kernels/ and trainers/, which only the
-# install maps into it) must not shadow the installed package; PYTHONPATH gives tests/ and benchmarks/.
+# python3 -P, /tmp/site first: the installed copy is what runs, not the working tree's nnunet_heart_ext/
+# (the same files since kernels/ and trainers/ live inside it); PYTHONPATH gives tests/ and benchmarks/.
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks/device_stubs TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 # --target installs skip the .pth that registers the extension with nnU-Net (site-packages only):
 # put it into this machine's interpreter (a lent machine, discarded after the session), or nnU-Net

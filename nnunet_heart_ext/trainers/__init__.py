@@ -1,4 +1,4 @@
-"""nnU-Net trainers of the extension (installed as nnunet_heart_ext.trainers).
+"""nnU-Net trainers of the extension (nnunet_heart_ext.trainers; the top-level `trainers` is a symlink here).
 
 nnU-Net finds these by name (`-tr HeartTrainer`) through the registry fallback, see
 nnunet_heart_ext/registry.py.

@@ -1,1 +1,0 @@
-"""Triton and Numba kernels (installed as nnunet_heart_ext.kernels)."""
