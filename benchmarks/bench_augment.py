@@ -52,8 +52,8 @@ def build_dataset(root: Path, n_cases: int, seed: int = 0) -> Path:
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_heart_ext.phantom import synth_case
-    from nnunet_heart_ext.preprocessing import HeartPreprocessor
+    from nnunet_heart_ext.data.phantom import synth_case
+    from nnunet_heart_ext.nnunet.preprocessing import HeartPreprocessor
 
     plans = json.loads(PLANS_FILE.read_text())
     dataset_json = json.loads(DATASET_JSON.read_text())

@@ -189,7 +189,7 @@ def nnunet_functions():
         import nnunetv2.postprocessing.remove_connected_components as module
     except ImportError as e:
         return None, f"{type(e).__name__}: {e}"
-    from nnunet_heart_ext.postprocessing import keep_largest_like_nnunet
+    from nnunet_heart_ext.nnunet.postprocessing import keep_largest_like_nnunet
 
     installed = module.remove_all_but_largest_component_from_segmentation
     default = getattr(installed, "__wrapped__", installed)

@@ -113,7 +113,7 @@ def export_rows(args, logits, shape_before, quick):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     import nnunet_heart_ext._hook  # noqa: F401
-    from nnunet_heart_ext import prediction_export
+    from nnunet_heart_ext.nnunet import prediction_export
 
     props = properties(logits.shape[1:], shape_before)
     rows, labels = [], {}
@@ -247,7 +247,7 @@ def device_export_rows(args, logits, shape_before):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     import nnunet_heart_ext._hook  # noqa: F401
-    from nnunet_heart_ext import prediction_export
+    from nnunet_heart_ext.nnunet import prediction_export
 
     device = torch.device(args.predict_device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -97,7 +97,7 @@ def run_case_npy(plans: dict, img, seg):
 _COMPILE_PROBE = """
 import time, numpy as np
 t0 = time.perf_counter()
-from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba as f
+from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba as f
 t1 = time.perf_counter()
 x = np.random.rand(1, 9, 10, 11).astype(np.float32)
 f(x, (11, 12, 13), [1, 1, 1], [1, 1, 1], False, 3)
@@ -124,7 +124,7 @@ def main(args):
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
     from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-    from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
+    from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba
 
     torch.set_num_threads(os.cpu_count())
     quick = getattr(args, "quick", False)

@@ -17,14 +17,14 @@ import sys
 PATCHES = {
     # Name lookups (trainers, planners, preprocessors, resampling functions) fall back to the
     # extension's registry. Callers bind the function at their own import time, after this ran.
-    "nnunetv2.utilities.find_class_by_name": "nnunet_heart_ext.registry:patch_find_class_module",
+    "nnunetv2.utilities.find_class_by_name": "nnunet_heart_ext.nnunet.registry:patch_find_class_module",
     # nnU-Net's keep-largest postprocessing function replaced by one of the same name and output
     # on the extension's connected components (imports neither Triton nor the kernels until called).
     "nnunetv2.postprocessing.remove_connected_components":
-        "nnunet_heart_ext.postprocessing:patch_remove_connected_components",
+        "nnunet_heart_ext.nnunet.postprocessing:patch_remove_connected_components",
     # HeartTrainer models predicted through nnU-Net's nnUNetPredictor take the extension's inference
     # (batched windows and mirrors, folds on the device, fused export); other models are untouched.
-    "nnunetv2.inference.predict_from_raw_data": "nnunet_heart_ext.predictor:patch_predict_from_raw_data",
+    "nnunetv2.inference.predict_from_raw_data": "nnunet_heart_ext.nnunet.predictor:patch_predict_from_raw_data",
 }
 
 

@@ -12,26 +12,26 @@ nothing written. The subcommands' modules are imported only when run (no torch a
 import argparse
 import sys
 
-from nnunet_heart_ext.dataset import DATASET_NAME
+from nnunet_heart_ext.data.dataset import DATASET_NAME
 
 
 def _phantom(args):
-    from nnunet_heart_ext.phantom import make_phantom
+    from nnunet_heart_ext.data.phantom import make_phantom
     make_phantom(args.out, n_train=args.train, n_test=args.test, seed=args.seed, full_size=args.full_size)
 
 
 def _prepare(args):
-    from nnunet_heart_ext.prepare import prepare
+    from nnunet_heart_ext.data.prepare import prepare
     prepare(args.src, raw_root=args.raw, dataset_name=args.dataset, test_dir=args.test_dir, link=args.link)
 
 
 def _export(args):
-    from nnunet_heart_ext.export import export
+    from nnunet_heart_ext.data.export import export
     export(args.pred, args.images, args.out)
 
 
 def _predict_ensemble(args):
-    from nnunet_heart_ext.ensemble_predict import predict_ensemble
+    from nnunet_heart_ext.nnunet.ensemble_predict import predict_ensemble
     folds = [f if f == "all" else int(f) for f in args.f]
     try:
         predict_ensemble(args.m, args.i, args.o, folds, args.chk, args.device, not args.disable_tta, args.num_parts,
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         from nnunet_heart_ext.pipeline import main as pipeline_main
         return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from nnunet_heart_ext.io import DatasetError
+    from nnunet_heart_ext.data.io import DatasetError
     try:
         args.run(args)
     except DatasetError as e:

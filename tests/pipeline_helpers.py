@@ -58,7 +58,7 @@ def shrink(folder: Path, factor: float = 3.0) -> None:
 
 
 def tiny_phantom(root: Path, n_train: int = 5, n_test: int = 2, seed: int = 0) -> Path:
-    from nnunet_heart_ext.phantom import make_phantom
+    from nnunet_heart_ext.data.phantom import make_phantom
 
     src = make_phantom(root / "phantom", n_train=n_train, n_test=n_test, seed=seed)
     shrink(src)

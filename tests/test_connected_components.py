@@ -398,7 +398,7 @@ def test_nnunet_function_is_replaced_under_its_own_name(monkeypatch, nnunet_keep
     import inspect
     import pickle
 
-    from nnunet_heart_ext.postprocessing import patch_remove_connected_components
+    from nnunet_heart_ext.nnunet.postprocessing import patch_remove_connected_components
 
     module = pytest.importorskip("nnunetv2.postprocessing.remove_connected_components")
     original = nnunet_keep_largest_from_segmentation
@@ -437,7 +437,7 @@ def test_nnunet_function_is_replaced_under_its_own_name(monkeypatch, nnunet_keep
 
 
 def test_device_choice_errors_are_clear(monkeypatch):
-    from nnunet_heart_ext.postprocessing import _use_cuda
+    from nnunet_heart_ext.nnunet.postprocessing import _use_cuda
 
     monkeypatch.setenv("NNUNET_HEART_EXT_CC_DEVICE", "gpu")
     with pytest.raises(ValueError, match="use auto, cpu or cuda"):

@@ -12,10 +12,10 @@ import SimpleITK as sitk
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_heart_ext.cli import main
-from nnunet_heart_ext.export import export
-from nnunet_heart_ext.io import DatasetError
-from nnunet_heart_ext.phantom import make_phantom
-from nnunet_heart_ext.prepare import prepare
+from nnunet_heart_ext.data.export import export
+from nnunet_heart_ext.data.io import DatasetError
+from nnunet_heart_ext.data.phantom import make_phantom
+from nnunet_heart_ext.data.prepare import prepare
 
 TEST_IDS = ("patient0003", "patient0004", "patient0005")
 

@@ -22,8 +22,8 @@ from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
-from nnunet_heart_ext.preprocessing import HeartPreprocessor, crop_to_nonzero_fast
+from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba
+from nnunet_heart_ext.nnunet.preprocessing import HeartPreprocessor, crop_to_nonzero_fast
 
 LABELS = {"background": 0, "myocardium": 1, "aortic_valve": 2, "calcification": 3}
 # (shape z, y, x), spacing (z, y, x): the last case is anisotropic enough for the separate-z path

@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2  # 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: E402
 
-from nnunet_heart_ext.preprocessing import HeartPreprocessor  # noqa: E402
+from nnunet_heart_ext.nnunet.preprocessing import HeartPreprocessor  # noqa: E402
 from nnunet_heart_ext.trainers import HeartTrainer, HeartTrainer_nnUNetDA  # noqa: E402
 from nnunet_heart_ext.trainers.device_augmentation import HeartDataLoader, unsupported_reason  # noqa: E402
 

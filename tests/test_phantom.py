@@ -9,8 +9,8 @@ import pytest
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_heart_ext.cli import main
-from nnunet_heart_ext.io import DatasetError
-from nnunet_heart_ext.phantom import _case_grid, make_phantom
+from nnunet_heart_ext.data.io import DatasetError
+from nnunet_heart_ext.data.phantom import _case_grid, make_phantom
 
 N_TRAIN, N_TEST = 5, 2  # ids 0002 and 0007 are the anisotropic ones
 
@@ -136,7 +136,7 @@ def test_cli_matches_api(phantom, tmp_path, capsys):
 
 def test_phantom_differs_says_when_it_would_write(tmp_path):
     """What the demo asks before writing its phantom (names only, no image read)."""
-    from nnunet_heart_ext.phantom import phantom_differs
+    from nnunet_heart_ext.data.phantom import phantom_differs
 
     out = tmp_path / "p"
     assert "holds no phantom" in phantom_differs(out, 2, 1, seed=4)
@@ -154,7 +154,7 @@ def test_a_calcification_smaller_than_a_voxel_still_labels_the_voxel_it_sits_in(
     drawn as calcified (`calcified_training_cases`) yet held no label 3, and the demo could pick a
     fold whose validation had no calcium at all (find_best_configuration then fails). These two cases
     had no calcium voxel; now each calcification marks at least the voxel nearest its centre, bright."""
-    from nnunet_heart_ext.phantom import _plan, synth_case
+    from nnunet_heart_ext.data.phantom import _plan, synth_case
 
     entry = _plan(24, 4, seed)[case]
     assert entry["calcified"] and entry["anisotropic"]

@@ -479,7 +479,7 @@ def test_demo_trains_a_fold_whose_validation_holds_every_label(tmp_path, seed):
     the split is nnU-Net's generate_crossval_split as do_split calls it."""
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    from nnunet_heart_ext.phantom import make_phantom
+    from nnunet_heart_ext.data.phantom import make_phantom
     from nnunet_heart_ext.pipeline.options import DEMO, demo_fold, parse
 
     o = parse(["--demo", "--seed", str(seed)], cwd=tmp_path)
@@ -640,7 +640,7 @@ def test_demo_score_is_the_dice_per_class_of_the_submission(tmp_path):
     2|A∩B| / (|A| + |B|), a case where a class is in neither left out (nnU-Net's NaN), a class
     predicted where the reference has none counted as 0; computed here with numpy on random
     label maps written as the submission's files."""
-    from nnunet_heart_ext import dataset as ds
+    from nnunet_heart_ext.data import dataset as ds
     from nnunet_heart_ext.pipeline.report import score
 
     rng = np.random.default_rng(12)
@@ -689,7 +689,7 @@ def test_best_refuses_folds_whose_validation_lacks_a_label(tmp_path):
     """A label in no validation case of the folds (Dice NaN in every case) makes nnU-Net's
     find_best_configuration fail with a bare IndexError: the best step says which label and what to
     do instead, before running it; a label predicted where the reference has none (Dice 0) is fine."""
-    from nnunet_heart_ext import dataset as ds
+    from nnunet_heart_ext.data import dataset as ds
     from nnunet_heart_ext.pipeline.options import PipelineError, parse
     from nnunet_heart_ext.pipeline.steps import Best, Context, labels_without_validation_dice
 

@@ -210,7 +210,7 @@ def test_pickles_load_with_and_without_the_extension(determined):
     pickles = [determined["extension"] / "postprocessing.pkl", determined["plain"] / "postprocessing.pkl"]
     outputs = run_both_modes(lambda mode: [sys.executable, "-c", LOAD_AND_APPLY, *pickles])
     results = {mode: [line.split() for line in out.strip().splitlines()[-2:]] for mode, out in outputs.items()}
-    for mode, ran in (("extension", "nnunet_heart_ext/postprocessing.py"),
+    for mode, ran in (("extension", "nnunet_heart_ext/nnunet/postprocessing.py"),
                       ("plain", "nnunetv2/postprocessing/remove_connected_components.py")):
         assert [Path(code).as_posix().endswith(ran) for code, _ in results[mode]] == [True, True], results[mode]
     digests = {digest for lines in results.values() for _, digest in lines}
@@ -224,4 +224,4 @@ def test_spawned_workers_are_hooked():
     expression = ("__import__('nnunetv2.postprocessing.remove_connected_components', fromlist=['_'])"
                   ".remove_all_but_largest_component_from_segmentation.__code__.co_filename")
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert pool.apply(eval, (expression,)).endswith("nnunet_heart_ext/postprocessing.py")
+        assert pool.apply(eval, (expression,)).endswith("nnunet_heart_ext/nnunet/postprocessing.py")

@@ -1,4 +1,4 @@
-"""The extension's inference (nnunet_heart_ext/predictor.py, prediction_export.py) against nnU-Net's
+"""The extension's inference (nnunet_heart_ext/nnunet/predictor.py, prediction_export.py) against nnU-Net's
 own predictor and export, imported from the installed nnunetv2, on small random-weight networks and
 random logits: batched windows and mirrors, folds, export with and without probabilities,
 anisotropic spacing, no resampling, transposed plans, and the refusals (NaN logits, other plans)."""
@@ -14,8 +14,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 import nnunet_heart_ext._hook  # noqa: F401  (installs the hook where the .pth was not processed)
-from nnunet_heart_ext import prediction_export
-from nnunet_heart_ext.predictor import HeartPredictor, use_fast_path
+from nnunet_heart_ext.nnunet import prediction_export
+from nnunet_heart_ext.nnunet.predictor import HeartPredictor, use_fast_path
 
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "myocardium": 1, "valve": 2, "calcium": 3},
                 "numTraining": 1, "file_ending": ".nii.gz"}

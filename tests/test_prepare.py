@@ -14,9 +14,9 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunet_heart_ext.cli import main
-from nnunet_heart_ext.io import DatasetError
-from nnunet_heart_ext.phantom import make_phantom
-from nnunet_heart_ext.prepare import prepare
+from nnunet_heart_ext.data.io import DatasetError
+from nnunet_heart_ext.data.phantom import make_phantom
+from nnunet_heart_ext.data.prepare import prepare
 
 N_TRAIN, N_TEST = 4, 2  # training_image1: 0001 0002, training_image2: 0003, training_image3: 0004
 
@@ -357,7 +357,7 @@ def test_nan_and_infinite_voxels_are_named_as_such(src, raw):
 
 def test_pending_says_whether_a_rerun_would_change_anything(src, raw):
     """What the pipeline asks before running prepare: file names and metadata only."""
-    from nnunet_heart_ext.prepare import pending
+    from nnunet_heart_ext.data.prepare import pending
 
     assert "not written by prepare" in pending(src)
     prepare(src)

@@ -11,7 +11,7 @@ import nnunetv2
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-from nnunet_heart_ext import registry
+from nnunet_heart_ext.nnunet import registry
 from nnunet_heart_ext.trainers import HeartTrainer, schedules
 
 
@@ -41,7 +41,7 @@ def test_nnunet_own_names_still_win_and_unknown_names_still_fail():
     planner = recursive_find_python_class(folder, "ExperimentPlanner", "nnunetv2.experiment_planning")
     assert planner.__module__.startswith("nnunetv2.")
     assert recursive_find_python_class(folder, "HeartPlanner", "nnunetv2.experiment_planning").__module__ == \
-        "nnunet_heart_ext.planners"
+        "nnunet_heart_ext.nnunet.planners"
     assert recursive_find_python_class(folder, "NoSuchPlanner", "nnunetv2.experiment_planning") is None
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer"):
         recursive_find_trainer_class_by_name("NoSuchTrainer")
@@ -136,9 +136,9 @@ NOT_OFFERED = {
 
 
 def test_names_the_extension_does_not_offer_are_not_found():
-    import nnunet_heart_ext.preprocessing  # noqa: F401  the modules are loaded: only the table decides
+    import nnunet_heart_ext.nnunet.preprocessing  # noqa: F401  the modules are loaded: only the table decides
     import nnunet_heart_ext.kernels.resample  # noqa: F401
-    import nnunet_heart_ext.planners  # noqa: F401
+    import nnunet_heart_ext.nnunet.planners  # noqa: F401
 
     lookups = _nnunet_lookups()
     for package, names in NOT_OFFERED.items():
@@ -171,9 +171,9 @@ def test_plans_written_before_the_kernels_lost_their_adapters_still_load():
     store only names: nnU-Net's plans manager resolves each to the extension's object."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_heart_ext.planners import HeartPlanner
-    from nnunet_heart_ext.preprocessing import HeartPreprocessor
-    from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
+    from nnunet_heart_ext.nnunet.planners import HeartPlanner
+    from nnunet_heart_ext.nnunet.preprocessing import HeartPreprocessor
+    from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba
 
     kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
     configuration = {

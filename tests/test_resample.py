@@ -1,4 +1,4 @@
-"""resample_data_or_seg_to_shape_numba (nnunet_heart_ext.resampling, over the Numba kernel in
+"""resample_data_or_seg_to_shape_numba (nnunet_heart_ext.nnunet.resampling, over the Numba kernel in
 nnunet_heart_ext.kernels.resample) against nnunetv2's own resample_data_or_seg_to_shape.
 
 Tolerances (issue 5): images and probabilities max |difference| <= 1e-4 x (max - min) of the
@@ -18,7 +18,7 @@ import pytest
 import torch
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
-from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
+from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba
 
 ISO = (1.0, 1.0, 1.0)
 
@@ -203,7 +203,7 @@ def test_kernel_refuses_what_it_does_not_compute():
 
 _WORKER_CALLS = """
 import numpy as np
-from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba as f
+from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba as f
 x = np.random.default_rng(0).normal(size=(1, 6, 7, 8)).astype(np.float32)
 f(x, (8, 9, 7), [1, 1, 1], [1, 1, 1], False, 3)
 f(np.round(x), (8, 9, 7), [1, 1, 1], [1, 1, 1], True, 1)

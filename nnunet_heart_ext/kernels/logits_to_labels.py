@@ -5,7 +5,7 @@
 probabilities (softmax of the resampled logits, nnU-Net's `--save_probabilities`), and
 `resample_logits_torch(logits, new_shape, separate_axis, order_z)` (torch, any device) take and
 give arrays/tensors and know nothing of nnU-Net; what picks the separate axis from the spacings
-and which plans may take this path lives on nnU-Net's side (nnunet_heart_ext/prediction_export.py).
+and which plans may take this path lives on nnU-Net's side (nnunet_heart_ext/nnunet/prediction_export.py).
 
 The maths: nnU-Net's export resamples the (C, Z, Y, X) logits with order 1 (skimage
 `resize(order=1, mode='edge')`, i.e. scipy `zoom(grid_mode=True, mode='nearest')`), then takes

@@ -4,7 +4,7 @@ default resampling (`resample_data_or_seg_to_shape`) for the orders it uses.
 `resample(data, new_shape, is_seg, order, order_z, separate_axis, threads)` takes and gives numpy
 arrays and knows nothing of nnU-Net: spacings, the anisotropy rule that picks `separate_axis`,
 the fallback for other orders and the thread policy of nnU-Net's worker pools live in the
-adapter with nnU-Net's signature, nnunet_heart_ext/resampling.py.
+adapter with nnU-Net's signature, nnunet_heart_ext/nnunet/resampling.py.
 
 Reference maths (nnunetv2 2.8.1 `preprocessing/resampling/default_resampling.py`, which calls
 skimage `resize(mode='edge', anti_aliasing=False, clip=True)` = scipy `zoom(grid_mode=True,

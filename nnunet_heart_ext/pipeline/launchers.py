@@ -451,7 +451,7 @@ class SlurmLauncher:
         return json.loads(self.record_file.read_text())["submissions"]
 
     def _save(self, records: List[dict]):
-        from nnunet_heart_ext.io import write_text
+        from nnunet_heart_ext.data.io import write_text
 
         write_text(json.dumps({"submissions": records}, indent=1), self.record_file)
 

@@ -40,8 +40,8 @@ def demo_fold(seed: int) -> int:
     validation cases; a label absent from all of them makes that mean NaN and the command fails
     (IndexError). Calcium is what the fewest cases hold: the first fold with a calcified validation
     case trained on a single calcified case on some seeds, and its calcium did not generalise."""
-    from nnunet_heart_ext import dataset as ds
-    from nnunet_heart_ext.phantom import calcified_training_cases
+    from nnunet_heart_ext.data import dataset as ds
+    from nnunet_heart_ext.data.phantom import calcified_training_cases
 
     calcified = set(calcified_training_cases(DEMO["n_train"], DEMO["n_test"], seed))
     cases = [ds.case_id(i) for i in range(1, DEMO["n_train"] + 1)]

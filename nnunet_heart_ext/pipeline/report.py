@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from nnunet_heart_ext import dataset as ds
-from nnunet_heart_ext.io import write_text
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.io import write_text
 
 
 # ----------------------------------------------------------------------------- status

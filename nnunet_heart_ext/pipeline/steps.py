@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-from nnunet_heart_ext import dataset as ds
-from nnunet_heart_ext.io import nifti_incomplete
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.io import nifti_incomplete
 from nnunet_heart_ext.pipeline.options import Options, PipelineError
 
 
@@ -206,13 +206,13 @@ class Prepare(Step):
     def _phantom_check(self) -> Optional[str]:
         if not self.o.phantom:
             return None
-        from nnunet_heart_ext.phantom import phantom_differs
+        from nnunet_heart_ext.data.phantom import phantom_differs
 
         from nnunet_heart_ext.pipeline.options import DEMO
         return phantom_differs(self.o.src, DEMO["n_train"], DEMO["n_test"], self.o.seed)
 
     def check(self) -> Check:
-        from nnunet_heart_ext.prepare import pending
+        from nnunet_heart_ext.data.prepare import pending
 
         if self.o.src is None:
             if self.ctx.raw.dataset_json.is_file():
@@ -254,7 +254,7 @@ def estimate_preprocessed_bytes(raw: ds.RawDataset, n_configs: int) -> int:
     """Disk that preprocessing will need, from image headers: per configuration, every training
     image as float32 plus its segmentation as int8 (nnU-Net's blosc2 files compress CT poorly,
     so this is an upper-end guess at the original spacing), plus the copied label files."""
-    from nnunet_heart_ext.io import read_geometry
+    from nnunet_heart_ext.data.io import read_geometry
 
     voxels = 0
     for case in raw.training_cases():
@@ -325,7 +325,7 @@ class Plan(Step):
         """nnU-Net's default split, as nnUNetTrainer.do_split makes it (generate_crossval_split of the
         sorted case ids, seed 12345, 5 folds), written before any training: folds started side by
         side (here or as Slurm array tasks on other nodes) then never race to create it."""
-        from nnunet_heart_ext.io import write_text
+        from nnunet_heart_ext.data.io import write_text
         from nnunet_heart_ext.pipeline.options import nnunet_split
 
         cases = self.ctx.raw.training_cases()

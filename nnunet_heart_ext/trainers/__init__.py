@@ -1,7 +1,7 @@
 """nnU-Net trainers of the extension (nnunet_heart_ext.trainers; the top-level `trainers` is a symlink here).
 
 nnU-Net finds these by name (`-tr HeartTrainer`) through the registry fallback, see
-nnunet_heart_ext/registry.py.
+nnunet_heart_ext/nnunet/registry.py.
 """
 from nnunet_heart_ext.trainers.heart_trainer import (HeartTrainer, HeartTrainer_nnUNetDA, HeartTrainer_nnUNetLoss,
                                                       HeartTrainer_tversky)

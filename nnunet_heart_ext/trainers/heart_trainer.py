@@ -138,11 +138,11 @@ class HeartTrainer(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's validation, with the extension's inference: its predictor becomes a
-        HeartPredictor (nnunet_heart_ext/predictor.py, through the import hook) and the export
-        workers run nnunet_heart_ext.prediction_export's export (same files, on the kernels)."""
+        HeartPredictor (nnunet_heart_ext/nnunet/predictor.py, through the import hook) and the export
+        workers run nnunet_heart_ext.nnunet.prediction_export's export (same files, on the kernels)."""
         from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
-        from nnunet_heart_ext import prediction_export
+        from nnunet_heart_ext.nnunet import prediction_export
 
         original = trainer_module.export_prediction_from_logits
         trainer_module.export_prediction_from_logits = prediction_export.export_prediction_from_logits

@@ -5,9 +5,9 @@ gives what `nnUNetv2_predict --save_probabilities` per model followed by `nnUNet
 gives (the label map of the mean of the models' class probabilities at each case's original
 shape), without writing, reading and deleting a 1.4 GB .npz per model and case: each case is
 preprocessed with each model's plans (nnU-Net's preprocessor), its logits predicted by nnU-Net's
-predictor of that model (HeartPredictor for HeartTrainer models, nnunet_heart_ext/predictor.py),
+predictor of that model (HeartPredictor for HeartTrainer models, nnunet_heart_ext/nnunet/predictor.py),
 turned into probabilities at the original shape (on the GPU when the logits are there,
-nnunet_heart_ext/prediction_export.py), and summed where they are; the argmax of the mean is
+nnunet_heart_ext/nnunet/prediction_export.py), and summed where they are; the argmax of the mean is
 written with the first model's image writer, atomically. `-num_parts/-part_id` split the cases as
 nnU-Net's commands do (the pipeline gives one part to each GPU slot), and
 `--continue_prediction` skips cases whose label map exists.
@@ -25,7 +25,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from tqdm import tqdm
 
-from nnunet_heart_ext import prediction_export
+from nnunet_heart_ext.nnunet import prediction_export
 
 
 def _predictor(folder: str, folds, checkpoint: str, device: torch.device, use_mirroring: bool) -> nnUNetPredictor:

@@ -22,7 +22,7 @@ Every fifth case (patient0002, 0007, 0012, ...) is anisotropic: slice spacing 3.
 the organizer's data. Images are int16 HU, labels uint8; identity direction.
 
 Layout written (train ids first, test ids continue after them, like 0001-0050 / 0051-0100), with
-the organizer's names as the dataset contract (`nnunet_heart_ext.dataset`) states them:
+the organizer's names as the dataset contract (`nnunet_heart_ext.data.dataset`) states them:
     out/training_image1..3/patientNNNN.nii.gz    out/training_label/patientNNNN_gt.nii.gz
     out/testing_image/patientNNNN.nii.gz         out/testing_label/patientNNNN_gt.nii.gz
 """
@@ -34,8 +34,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_heart_ext import dataset as ds
-from nnunet_heart_ext.io import DatasetError, write_image, write_text
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.io import DatasetError, write_image, write_text
 
 TRAIN_LABEL_DIR, TEST_IMAGE_DIR, TEST_LABEL_DIR = ds.TRAIN_LABEL_DIRS[0], ds.TEST_IMAGE_DIRS[0], ds.TEST_LABEL_DIRS[0]
 FOLDERS = ds.ORGANIZER_TRAIN_IMAGE_DIRS + (TRAIN_LABEL_DIR, TEST_IMAGE_DIR, TEST_LABEL_DIR)

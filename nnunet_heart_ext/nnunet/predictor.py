@@ -38,7 +38,7 @@ from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
-from nnunet_heart_ext import prediction_export
+from nnunet_heart_ext.nnunet import prediction_export
 
 _OOM = (torch.cuda.OutOfMemoryError,)
 

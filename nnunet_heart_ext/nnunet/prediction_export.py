@@ -1,7 +1,7 @@
 """nnU-Net's prediction export (logits -> label map file, optionally probabilities) on the kernels.
 
 The functions here have the signatures of nnunetv2.inference.export_prediction's and give the
-same outputs; HeartTrainer models use them (nnunet_heart_ext/predictor.py for nnUNetv2_predict,
+same outputs; HeartTrainer models use them (nnunet_heart_ext/nnunet/predictor.py for nnUNetv2_predict,
 HeartTrainer.perform_actual_validation for validation). nnU-Net's own models never reach this
 module.
 
@@ -20,7 +20,7 @@ extension's Numba one, with order 1 (what every nnU-Net planner writes) and the 
 regions; anything else goes to nnU-Net's own function, unchanged.
 
 Output files are written atomically: under a hidden temporary name beside them that ends like them
-(nnunet_heart_ext.io.replace_atomically, what the project's other writers use), then moved into
+(nnunet_heart_ext.data.io.replace_atomically, what the project's other writers use), then moved into
 place; the .npz likewise (kernels/npz.py). NaN logits raise FloatingPointError
 naming the case instead of writing an arbitrary label map.
 """
@@ -33,9 +33,9 @@ from nnunetv2.configuration import ANISO_THRESHOLD, default_num_processes
 from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
-from nnunet_heart_ext.io import replace_atomically
+from nnunet_heart_ext.data.io import replace_atomically
 from nnunet_heart_ext.kernels import logits_to_labels, npz
-from nnunet_heart_ext.resampling import _threads
+from nnunet_heart_ext.nnunet.resampling import _threads
 
 # resampling functions whose order-1 maths the kernels compute exactly (names as plans store them)
 FUSABLE_RESAMPLING = ("resample_data_or_seg_to_shape", "resample_data_or_seg_to_shape_numba")

@@ -32,12 +32,12 @@ REGISTRY = {
     "HeartTrainer_nnUNetLoss": (TRAINERS, "nnunet_heart_ext.trainers.heart_trainer:HeartTrainer_nnUNetLoss"),
     "HeartTrainer_nnUNetDA": (TRAINERS, "nnunet_heart_ext.trainers.heart_trainer:HeartTrainer_nnUNetDA"),
     "HeartTrainer_tversky": (TRAINERS, "nnunet_heart_ext.trainers.heart_trainer:HeartTrainer_tversky"),
-    "HeartPlanner": (PLANNERS, "nnunet_heart_ext.planners:HeartPlanner"),
-    "HeartDemoPlanner": (PLANNERS, "nnunet_heart_ext.planners:HeartDemoPlanner"),
-    "HeartPreprocessor": (PREPROCESSORS, "nnunet_heart_ext.preprocessing:HeartPreprocessor"),
-    "HeartCTNormalization": (NORMALIZATION, "nnunet_heart_ext.normalization:HeartCTNormalization"),
+    "HeartPlanner": (PLANNERS, "nnunet_heart_ext.nnunet.planners:HeartPlanner"),
+    "HeartDemoPlanner": (PLANNERS, "nnunet_heart_ext.nnunet.planners:HeartDemoPlanner"),
+    "HeartPreprocessor": (PREPROCESSORS, "nnunet_heart_ext.nnunet.preprocessing:HeartPreprocessor"),
+    "HeartCTNormalization": (NORMALIZATION, "nnunet_heart_ext.nnunet.normalization:HeartCTNormalization"),
     "resample_data_or_seg_to_shape_numba": (
-        RESAMPLING, "nnunet_heart_ext.resampling:resample_data_or_seg_to_shape_numba"),
+        RESAMPLING, "nnunet_heart_ext.nnunet.resampling:resample_data_or_seg_to_shape_numba"),
 }
 
 # Families of generated names: prefix -> (package, module whose __all__ lists the names). The

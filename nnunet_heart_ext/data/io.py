@@ -17,7 +17,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_heart_ext.dataset import LABEL_VALUES
+from nnunet_heart_ext.data.dataset import LABEL_VALUES
 
 
 class DatasetError(Exception):

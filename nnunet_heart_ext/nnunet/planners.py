@@ -7,7 +7,7 @@
   export) by `resample_data_or_seg_to_shape_numba`: nnU-Net's results, faster.
 - `HeartDemoPlanner` -> plans `HeartDemoPlans`: a small network and patch for the synthetic
   phantom on a CPU (used by `ensemble_pipeline.sh --demo` and the tests), and CT channels
-  normalised by `HeartCTNormalization` (nnunet_heart_ext/normalization.py: nnU-Net's CT
+  normalised by `HeartCTNormalization` (nnunet_heart_ext/nnunet/normalization.py: nnU-Net's CT
   normalisation without clipping the calcifications away).
 """
 from typing import List, Tuple, Union
@@ -16,7 +16,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     ResEncUNetPlanner,
 )
 
-from nnunet_heart_ext.resampling import resample_data_or_seg_to_shape_numba
+from nnunet_heart_ext.nnunet.resampling import resample_data_or_seg_to_shape_numba
 
 
 class HeartPlanner(ResEncUNetPlanner):

@@ -5,7 +5,7 @@
     SRC/testing_image/patient0051.nii.gz           ->  RAW/Dataset100_Heart/imagesTs/patient0051_0000.nii.gz
                                                        RAW/Dataset100_Heart/dataset.json
 
-The names and folders it accepts are the dataset contract's (`nnunet_heart_ext.dataset`). The
+The names and folders it accepts are the dataset contract's (`nnunet_heart_ext.data.dataset`). The
 organizer's case ids are kept, so predictions map straight back (see `export`). The test folder
 is found beside the training folders (testing_image, testing_images, test_image, test_images or
 imagesTs) or given with `test_dir`; its `patientNNNN.nii.gz` are the test images (ground-truth
@@ -29,10 +29,10 @@ from typing import Dict, List, Optional
 
 import SimpleITK as sitk
 
-from nnunet_heart_ext import dataset as ds
-from nnunet_heart_ext.io import (DatasetError, copy_file, geometry_mismatches, geometry_of, label_values_problem,
-                                 link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem,
-                                 write_text)
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.io import (DatasetError, copy_file, geometry_mismatches, geometry_of, label_values_problem,
+                                      link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem,
+                                      write_text)
 
 DATASET_NAME = ds.NNUNET_DATASET_NAME
 MARKER = ".nnunet-heart-prepare.json"  # in the dataset folder: the files prepare wrote there

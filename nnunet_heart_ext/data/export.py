@@ -9,7 +9,7 @@ one prediction and every prediction a test image. All problems are raised togeth
 DatasetError naming the files, and no zip is written then. The zip is built under a temporary name
 and moved into place, so `out_zip` is either the previous file or the complete new one. nnU-Net's
 by-products in the prediction folder (*.json, *.npz, *.pkl) are ignored. File names are the dataset
-contract's (`nnunet_heart_ext.dataset`).
+contract's (`nnunet_heart_ext.data.dataset`).
 """
 import zipfile
 from pathlib import Path
@@ -17,9 +17,9 @@ from typing import Dict, List
 
 import SimpleITK as sitk
 
-from nnunet_heart_ext import dataset as ds
-from nnunet_heart_ext.io import (DatasetError, geometry_mismatches, geometry_of, label_values_problem, read_geometry,
-                                 read_image, replace_atomically, volume_problem)
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.io import (DatasetError, geometry_mismatches, geometry_of, label_values_problem,
+                                      read_geometry, read_image, replace_atomically, volume_problem)
 
 
 def _test_images(images_dir: Path, problems: List[str]) -> Dict[str, Path]:
