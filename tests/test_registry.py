@@ -130,7 +130,7 @@ NOT_OFFERED = {
     registry.TRAINERS: ["FusedDiceCELoss", "heart_trainer", "_schedules", "resample_data_or_seg_to_shape_numba",
                         "HeartTrainer_", "HeartPlanner"],
     registry.PLANNERS: ["resample_data_or_seg_to_shape_numba", "HeartTrainer", "HeartPreprocessor"],
-    registry.PREPROCESSORS: ["crop_to_nonzero_fast", "njit", "_coordinates_grouped_by_label", "HeartPlanner"],
+    registry.PREPROCESSORS: ["crop_to_nonzero_fast", "njit", "coordinates_grouped_by_label", "HeartPlanner"],
     registry.RESAMPLING: ["njit", "prange", "numba", "_resample_axis", "HeartPreprocessor"],
 }
 

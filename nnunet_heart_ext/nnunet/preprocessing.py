@@ -21,61 +21,20 @@ After both (same case): resampling about 47 %, dtype copies that nnU-Net's own s
 30 %, the crop 11 %, the sampling 9 %.
 
 Everything else runs nnU-Net's own code in nnU-Net's order (transpose, crop, normalise,
-resample, sample foreground locations).
+resample, sample foreground locations). The two Numba passes (the flood fill from the faces, the
+grouping by label) are array code and live with the other kernels, in
+nnunet_heart_ext.kernels.preprocess; this module is the nnU-Net side.
 """
 from typing import Union
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask
-from numba import njit
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-
-@njit(cache=True)
-def _push(stack, top, value):
-    if top == stack.shape[0]:
-        bigger = np.empty(2 * stack.shape[0], dtype=stack.dtype)
-        bigger[:top] = stack
-        stack = bigger
-    stack[top] = value
-    return stack, top + 1
-
-
-@njit(cache=True)
-def _background_reaching_faces(mask):
-    """True where mask is False and a 6-connected path of False voxels leads to a face of the
-    array. A flood fill from the faces: it touches only that background, which in CT (air is
-    -1024, not 0) is a few scattered voxels, where a labelling of all background would not be."""
-    nz, ny, nx = mask.shape
-    reach = np.zeros((nz, ny, nx), dtype=np.bool_)
-    stack = np.empty(4096, dtype=np.int64)
-    top = 0
-    for z in range(nz):
-        for y in range(ny):
-            on_face = z == 0 or z == nz - 1 or y == 0 or y == ny - 1
-            step = 1 if on_face else max(nx - 1, 1)
-            for x in range(0, nx, step):
-                if not mask[z, y, x] and not reach[z, y, x]:
-                    reach[z, y, x] = True
-                    stack, top = _push(stack, top, (z * ny + y) * nx + x)
-            if not on_face and not mask[z, y, nx - 1] and not reach[z, y, nx - 1]:
-                reach[z, y, nx - 1] = True
-                stack, top = _push(stack, top, (z * ny + y) * nx + nx - 1)
-    while top > 0:
-        top -= 1
-        i = stack[top]
-        x = i % nx
-        y = (i // nx) % ny
-        z = i // (nx * ny)
-        for dz, dy, dx in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
-            zz, yy, xx = z + dz, y + dy, x + dx
-            if 0 <= zz < nz and 0 <= yy < ny and 0 <= xx < nx and not mask[zz, yy, xx] and not reach[zz, yy, xx]:
-                reach[zz, yy, xx] = True
-                stack, top = _push(stack, top, (zz * ny + yy) * nx + xx)
-    return reach
+from nnunet_heart_ext.kernels.preprocess import background_reaching_faces, coordinates_grouped_by_label
 
 
 def crop_to_nonzero_fast(data: np.ndarray, seg: Union[np.ndarray, None] = None, nonzero_label: int = -1):
@@ -90,7 +49,7 @@ def crop_to_nonzero_fast(data: np.ndarray, seg: Union[np.ndarray, None] = None, 
     slicer = bounding_box_to_slice(bbox)
     # binary_fill_holes = not (background connected to the outside); outside the box is all
     # background, so inside the box that is the background reaching one of its faces
-    outside = _background_reaching_faces(np.ascontiguousarray(nonzero[slicer]))[None]
+    outside = background_reaching_faces(np.ascontiguousarray(nonzero[slicer]))[None]
     slicer = (slice(None),) + slicer
     data = data[slicer]
     if seg is not None:
@@ -100,40 +59,6 @@ def crop_to_nonzero_fast(data: np.ndarray, seg: Union[np.ndarray, None] = None, 
     else:
         seg = np.where(outside, np.int8(nonzero_label), np.int8(0))
     return data, seg, bbox
-
-
-@njit(cache=True)
-def _coordinates_grouped_by_label(seg, labels):
-    """Coordinates of the voxels of 4-D `seg` whose value is one of `labels` (sorted), grouped by
-    label in ascending order and in C order within a label, and the count of each label: what
-    nnU-Net's np.isin + np.argwhere + stable argsort give, in two passes without sorting."""
-    counts = np.zeros(labels.shape[0], dtype=np.int64)
-    n0, n1, n2, n3 = seg.shape
-    for a in range(n0):
-        for b in range(n1):
-            for c in range(n2):
-                for d in range(n3):
-                    v = seg[a, b, c, d]
-                    for s in range(labels.shape[0]):
-                        if v == labels[s]:
-                            counts[s] += 1
-                            break
-    position = np.zeros(labels.shape[0], dtype=np.int64)
-    for s in range(1, labels.shape[0]):
-        position[s] = position[s - 1] + counts[s - 1]
-    coords = np.empty((counts.sum(), 4), dtype=np.int64)
-    for a in range(n0):
-        for b in range(n1):
-            for c in range(n2):
-                for d in range(n3):
-                    v = seg[a, b, c, d]
-                    for s in range(labels.shape[0]):
-                        if v == labels[s]:
-                            i = position[s]
-                            coords[i, 0], coords[i, 1], coords[i, 2], coords[i, 3] = a, b, c, d
-                            position[s] += 1
-                            break
-    return coords, counts
 
 
 class HeartPreprocessor(DefaultPreprocessor):
@@ -196,7 +121,7 @@ class HeartPreprocessor(DefaultPreprocessor):
         for c in classes_or_regions:
             requested.update(int(x) for x in c) if isinstance(c, (tuple, list)) else requested.add(int(c))
         labels = np.array(sorted(requested), dtype=np.int64)
-        coords_sorted, counts = _coordinates_grouped_by_label(np.ascontiguousarray(seg), labels)
+        coords_sorted, counts = coordinates_grouped_by_label(np.ascontiguousarray(seg), labels)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         label_to_range = {int(lab): (int(st), int(st + n)) for lab, st, n in zip(labels, starts, counts) if n > 0}
 
