@@ -13,7 +13,9 @@ on the case's voxel grid, so structures keep their physical size whatever the sp
     calcifications: 1-4 blobs of 1-2.5 mm radius (4-65 mm^3), 800-1300 HU, at the cusps' bases,
         in about a third of the cases                                                   (label 3)
     Every size is in millimetres and independent of the spacing: nothing is drawn larger to be
-    easier to learn, so at a coarse spacing a thin leaflet or a small blob covers few voxels.
+    easier to learn, so at a coarse spacing a thin leaflet or a small blob covers few voxels (a
+    blob that covers no voxel centre marks the one voxel nearest its centre, so a case drawn as
+    calcified always holds label 3).
     + Gaussian noise (15-30 HU); small random shift, rotation and size of the heart per case.
 
 Default cases are small for CPU training: ~112-128 x 112-128 in-plane at 1.2-1.6 mm, ~50-75 slices.
