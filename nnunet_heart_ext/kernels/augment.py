@@ -36,7 +36,8 @@ the patch, voxel index vectors i:
         x = ((x - min) / max(r, 1e-7))^g r + min; x = (x - mean(x)) sd / max(std(x), 1e-7) + mu;
         [invert: x = -x]
     mirror: flip the drawn axes of image and segmentation.
-    deep supervision: the target at round(P * scale) per scale, nearest-exact.
+    deep supervision: the target at round(P * scale) per scale, nearest-exact (downsample_labels:
+        with `keep_labels`, a block holding one of them keeps it).
 
 Interface:
     aug = DeviceAugmentation(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -63,6 +64,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from nnunet_heart_ext.kernels.downsample_labels import downsample_labels
 
 RandomRange = Union[float, Tuple[float, float]]
 
@@ -93,7 +96,7 @@ class DeviceAugmentation:
     def __init__(self, patch_size: Sequence[int], rotation_for_DA: RandomRange,
                  deep_supervision_scales: Optional[Sequence[Sequence[float]]], mirror_axes: Optional[Sequence[int]],
                  do_dummy_2d_data_aug: bool, ignore_label: Optional[int] = None,
-                 labels: Optional[Sequence[int]] = None):
+                 labels: Optional[Sequence[int]] = None, keep_labels: Sequence[int] = ()):
         if len(patch_size) != 3:
             raise NotImplementedError(f"DeviceAugmentation covers 3D patches, got patch_size {tuple(patch_size)}")
         if do_dummy_2d_data_aug:
@@ -107,6 +110,8 @@ class DeviceAugmentation:
         self.ignore_label = ignore_label  # kept as nnU-Net passes it: the default transforms ignore it
         # the label values segmentations hold (besides -1): known, they spare a device -> host read
         self.max_label = None if labels is None else int(max(labels))
+        # labels that survive in every deep-supervision target (downsample_labels); () = nnU-Net's nearest
+        self.keep_labels = tuple(int(k) for k in keep_labels)
         self._grids = {}
 
     # ------------------------------------------------------------------ sampling
@@ -328,15 +333,13 @@ class DeviceAugmentation:
     def _deep_supervision(self, target: torch.Tensor):
         if self.deep_supervision_scales is None:
             return target
-        results, as_float = [], None
+        results = []
         for scale in self.deep_supervision_scales:
             if all(s == 1 for s in scale):
                 results.append(target)
                 continue
-            if as_float is None:
-                as_float = target.float()
             shape = [round(p * s) for p, s in zip(target.shape[2:], scale)]
-            results.append(F.interpolate(as_float, shape, mode="nearest-exact").to(target.dtype))
+            results.append(downsample_labels(target, shape, self.keep_labels))
         return results
 
 

@@ -50,6 +50,10 @@ class HeartTrainer(nnUNetTrainer):
     # "sgd": nnU-Net's SGD (Nesterov, momentum 0.99); "adamw": nnU-Net's nnUNetTrainerAdam (AdamW, amsgrad).
     # Both with nnU-Net's poly learning-rate decay from initial_lr.
     optimizer_name = "sgd"
+    # Labels that every deep-supervision target keeps (device augmentation only): a coarse target's
+    # voxel whose block holds one takes it, the first listed winning (kernels/downsample_labels.py).
+    # (): nnU-Net's nearest-exact targets, in which a few-voxel structure mostly vanishes.
+    deep_supervision_keep_labels = ()
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -105,7 +109,8 @@ class HeartTrainer(nnUNetTrainer):
         deep_supervision_scales = self._get_deep_supervision_scales()
         self.augmentation = DeviceAugmentation(patch_size, rotation, deep_supervision_scales, mirror_axes, dummy_2d,
                                                ignore_label=self.label_manager.ignore_label,
-                                               labels=self.label_manager.all_labels)
+                                               labels=self.label_manager.all_labels,
+                                               keep_labels=self.deep_supervision_keep_labels)
         val_transforms = self.get_validation_transforms(deep_supervision_scales, is_cascaded=False,
                                                         foreground_labels=self.label_manager.foreground_labels,
                                                         regions=None, ignore_label=self.label_manager.ignore_label)

@@ -35,7 +35,8 @@ SCHEDULES = {
     "demo": {"num_epochs": 50, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 3,
              "oversample_foreground_percent": 0.8, "probabilistic_oversampling": True,
              "foreground_class_weights": {2: 3.0, 3: 6.0}, "ce_class_weights": {2: 3.0, 3: 30.0},
-             "optimizer_name": "adamw", "initial_lr": 3e-3, "save_every": 10, "test_time_mirroring": False},
+             "optimizer_name": "adamw", "initial_lr": 3e-3, "save_every": 10, "test_time_mirroring": False,
+             "deep_supervision_keep_labels": (3, 2)},
 }
 
 
