@@ -214,8 +214,8 @@ def _worker_report(_):
     """In a spawned pool worker, like nnU-Net's: compilations that missed the cache, and threads."""
     import numba
     exec(_WORKER_CALLS, {})
-    from nnunet_heart_ext.kernels import resample as r
-    misses = sum(sum(d.stats.cache_misses.values()) for d in vars(r).values()
+    from nnunet_heart_ext.kernels import resample, resample_seg
+    misses = sum(sum(d.stats.cache_misses.values()) for r in (resample, resample_seg) for d in vars(r).values()
                  if isinstance(d, numba.core.registry.CPUDispatcher))
     return misses, numba.get_num_threads()
 

@@ -28,13 +28,8 @@ the patch, voxel index vectors i:
         label, and -1 outside (batchgeneratorsv2's rule for bg_style_seg_sampling=False and
         padding_value_seg=-1). Without rotation and scaling: a crop of P starting at
         floor(S / 2) - floor(P / 2) (no interpolation).
-    noise: x += N(0, std^2);  blur: separable Gaussian, kernel size the odd number nearest to
-        6 sigma + 0.5, reflect padding;  brightness: x *= m;
-    contrast: x = clamp((x - mean) m + mean, min, max) over the channel;
-    low resolution: nearest-exact to round(S s), trilinear back;
-    gamma: [invert: x = -x] mu, sd = mean, std(x); r = max - min;
-        x = ((x - min) / max(r, 1e-7))^g r + min; x = (x - mean(x)) sd / max(std(x), 1e-7) + mu;
-        [invert: x = -x]
+    noise, blur, brightness, contrast, low resolution, gamma: kernels/augment_intensity.py, whose
+        docstring states their maths.
     mirror: flip the drawn axes of image and segmentation.
     deep supervision: the target at round(P * scale) per scale, nearest-exact (downsample_labels:
         with `keep_labels`, a block holding one of them keeps it).
@@ -65,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_heart_ext.kernels.augment_intensity import apply_intensity
 from nnunet_heart_ext.kernels.downsample_labels import downsample_labels
 
 RandomRange = Union[float, Tuple[float, float]]
@@ -79,8 +75,6 @@ P_GAMMA_INVERTED, P_GAMMA, GAMMA = 0.1, 0.3, (0.7, 1.5)
 P_MIRROR = 0.5
 SEG_PAD = -1  # nnU-Net pads segmentations with -1 (loader and spatial transform), then sets it to 0
 SCORE_SCALE = 1000.0  # batchgeneratorsv2's indicator scale; scores are compared in fp16
-BLUR_TRUNCATE = 6.0
-EPS = 1e-7
 
 
 def as_tensors(params: dict) -> dict:
@@ -232,7 +226,7 @@ class DeviceAugmentation:
         for b in range(B):
             self._spatial(data[b], seg[b], offsets[b], enlarged_shape, params, b, out[b], target[b])
         target.masked_fill_(target == SEG_PAD, 0)
-        self._intensity(out, params, generator)
+        apply_intensity(out, params, generator)
         for b in range(B):  # the flip axes differ per sample
             axes = [k + 1 for k in range(3) if bool(params["mirror"][b, k])]
             if axes:
@@ -289,47 +283,6 @@ class DeviceAugmentation:
         winner = torch.where(scores.gather(0, nearest[None])[0] == best, nearest, winner)
         target.copy_((winner + SEG_PAD)[None])
 
-    def _intensity(self, x: torch.Tensor, params: dict, generator):
-        """The intensity transforms in nnU-Net's order, in place on x (B, C, *P)."""
-        device = x.device
-
-        def firing(name):
-            return torch.nonzero(params[name]).flatten().tolist()
-
-        def per_channel(name, idx):
-            return params[name][idx].to(device=device, dtype=x.dtype).view(len(idx), -1, 1, 1, 1)
-
-        idx = firing("noise")
-        for b in idx:  # one std for all channels of the sample, fresh noise per channel
-            noise = torch.empty(x.shape[1:], device=device, dtype=x.dtype)
-            noise.normal_(0.0, float(params["noise_std"][b]), generator=generator)
-            x[b] += noise
-        blur = [(b, c) for b in firing("blur") for c in range(x.shape[1]) if bool(params["blur_channel"][b, c])]
-        if blur:
-            bs, cs = zip(*blur)
-            x[list(bs), list(cs)] = gaussian_blur(x[list(bs), list(cs)], params["blur_sigma"][list(bs), list(cs)])
-        idx = firing("brightness")
-        if idx:
-            x[idx] *= per_channel("brightness_factor", idx)
-        idx = firing("contrast")
-        if idx:
-            sub = x[idx]
-            flat = sub.flatten(2)
-            mean = flat.mean(2).view(*sub.shape[:2], 1, 1, 1)
-            low, high = (v.view(*sub.shape[:2], 1, 1, 1) for v in torch.aminmax(flat, dim=2))
-            sub = ((sub - mean) * per_channel("contrast_factor", idx) + mean).clamp_(low, high)
-            x[idx] = sub
-        for b in firing("lowres"):
-            for c in range(x.shape[1]):
-                if bool(params["lowres_channel"][b, c]):
-                    # the scale as batchgeneratorsv2 holds it (float32), for the same rounded shape
-                    scale = float(params["lowres_scale"][b, c].to(torch.float32))
-                    x[b, c] = simulate_low_resolution(x[b, c], scale)
-        for name, invert in (("gamma_inverted", True), ("gamma", False)):
-            idx = firing(name)
-            if idx:
-                x[idx] = gamma(x[idx], per_channel(f"{name}_value", idx), invert)
-
     def _deep_supervision(self, target: torch.Tensor):
         if self.deep_supervision_scales is None:
             return target
@@ -341,70 +294,3 @@ class DeviceAugmentation:
             shape = [round(p * s) for p, s in zip(target.shape[2:], scale)]
             results.append(downsample_labels(target, shape, self.keep_labels))
         return results
-
-
-# ---------------------------------------------------------------------- the transforms' maths
-def blur_kernel_size(sigma: float, truncate: float = BLUR_TRUNCATE) -> int:
-    """batchgeneratorsv2's _compute_kernel_size: the odd integer nearest to sigma * truncate + 0.5."""
-    n = sigma * truncate + 0.5
-    rounded = round(n)
-    if rounded % 2 == 1:
-        return rounded
-    return rounded + 1 if n - rounded >= 0 else rounded - 1
-
-
-def gaussian_blur(volumes: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of each volume (N, D, H, W) with its own sigmas (N, 3) per axis,
-    reflect padding. Kernels of every size are centred in one of the largest size (zero taps
-    beyond a kernel's own size leave the result unchanged)."""
-    n = volumes.shape[0]
-    sizes = [[blur_kernel_size(float(s)) for s in row] for row in sigmas.tolist()]
-    width = max(max(row) for row in sizes)
-    half = width // 2
-    kernels = torch.zeros((n, 3, width), dtype=torch.float64)
-    for i in range(n):
-        for axis in range(3):
-            k = sizes[i][axis]
-            # batchgeneratorsv2's _build_kernel: linspace(-(k-1)/2, (k-1)/2, k), pdf, normalised
-            x = torch.linspace(-(k - 1) * 0.5, (k - 1) * 0.5, k, dtype=torch.float32)
-            pdf = torch.exp(-0.5 * (x / float(sigmas[i, axis])).pow(2))
-            kernels[i, axis, half - k // 2: half + k // 2 + 1] = (pdf / pdf.sum()).double()
-    kernels = kernels.to(device=volumes.device, dtype=volumes.dtype)
-    out = volumes
-    for axis in range(3):
-        size = out.shape[axis + 1]
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = half
-        padded = F.pad(out[:, None], pad, mode="reflect")[:, 0]
-        w = kernels[:, axis].view(n, width, 1, 1, 1)
-        acc = None
-        for t in range(width):
-            term = padded.narrow(axis + 1, t, size) * w[:, t]
-            acc = term if acc is None else acc.add_(term)
-        out = acc
-    return out
-
-
-def simulate_low_resolution(volume: torch.Tensor, scale: float) -> torch.Tensor:
-    """A (D, H, W) volume down to round(shape * scale) by nearest-exact, back by trilinear."""
-    shape = volume.shape
-    small = F.interpolate(volume[None, None], [round(s * scale) for s in shape], mode="nearest-exact")
-    return F.interpolate(small, list(shape), mode="trilinear")[0, 0]
-
-
-def gamma(x: torch.Tensor, g: torch.Tensor, invert: bool) -> torch.Tensor:
-    """Gamma with retained mean and std on (N, C, *spatial), g (N, C, 1, 1, 1); `invert`: on
-    the negated image (batchgeneratorsv2's GammaTransform, p_retain_stats 1)."""
-    if invert:
-        x = -x
-    flat = x.flatten(2)
-    mean, std = flat.mean(2), flat.std(2)
-    low, high = torch.aminmax(flat, dim=2)
-    rng = high - low
-    shape = (*x.shape[:2],) + (1,) * (x.ndim - 2)
-    low, rng = low.view(shape), rng.view(shape)
-    x = ((x - low) / rng.clamp(min=EPS)).pow(g) * rng + low
-    flat = x.flatten(2)
-    mean_here, std_here = flat.mean(2).view(shape), flat.std(2).view(shape)
-    x = (x - mean_here) * (std.view(shape) / std_here.clamp(min=EPS)) + mean.view(shape)
-    return -x if invert else x

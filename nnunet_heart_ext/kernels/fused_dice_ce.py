@@ -35,16 +35,14 @@ reads of the logits and labels and one gradient write, and one rounding of the g
 gradient stored in forward and scaled by a deep-supervision weight in backward is rounded
 twice, and read and written once more). Backward may run more than once (retain_graph).
 
-DDP (`ddp=True`, batch_dice, an initialised process group): the (C,) sums are all-reduced, and the
-Dice gradient carries the factor world_size that nnU-Net's AllGatherGrad gives it (each rank's
-identical loss sends its gradient to every rank); DDP's gradient averaging then divides it out.
-This assumes the same grad_output on every rank, which holds for nnU-Net's training step.
+DDP (`ddp=True`, batch_dice): the sums are all-reduced between the passes; the maths of that
+(the gradient's world_size factor) is in kernels/fused_dice_ce_torch.py.
 
-Backends: CUDA tensors run the Triton kernels; CPU tensors run the same maths in torch, or the
-Triton kernels through Triton's interpreter when TRITON_INTERPRET=1 (how CI tests them). Where
-Triton does not import, CUDA tensors take the torch path. Logits may be fp32, fp16 or bf16 (fp64
-always takes the torch path, in fp64); sums are accumulated in fp32 and the gradient is written
-in the logits' dtype.
+Backends: CUDA tensors run the Triton kernels; CPU tensors run the same maths in torch
+(kernels/fused_dice_ce_torch.py), or the Triton kernels through Triton's interpreter when
+TRITON_INTERPRET=1 (how CI tests them). Where Triton does not import, CUDA tensors take the
+torch path. Logits may be fp32, fp16 or bf16 (fp64 always takes the torch path, in fp64); sums
+are accumulated in fp32 and the gradient is written in the logits' dtype.
 """
 import torch
 from torch import nn
@@ -53,6 +51,7 @@ from nnunet_heart_ext.kernels._triton import AVAILABLE as _TRITON_AVAILABLE
 from nnunet_heart_ext.kernels._triton import INTERPRET as _TRITON_ON_CPU
 from nnunet_heart_ext.kernels._triton import REASON as _TRITON_REASON
 from nnunet_heart_ext.kernels._triton import tl, triton
+from nnunet_heart_ext.kernels.fused_dice_ce_torch import ddp_active, forward_torch, loss_and_coefficients
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Launch configuration: elements (classes x voxels) a tile, warps a program, pass-1 programs per
@@ -62,7 +61,6 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tiles in registers instead, reduced once at the end, took 0.94 ms (register spills).
 LAUNCH = {"sums_tile_elements": 4096, "sums_num_warps": 4, "max_programs": 1024,
           "grad_tile_elements": 4096, "grad_num_warps": 4}
-_CLAMP = 1e-8  # nnU-Net's clamp_min of the Dice denominator
 
 
 @triton.jit
@@ -244,10 +242,10 @@ def _forward_triton(x, labels, ignore_label, options):
     _sums_kernel[(programs, B)](x, labels, w, partial, N, ignore, C=C, C_PAD=c_pad, BLOCK=block,
                                 HAS_IGNORE=ignore_label is not None, HAS_WEIGHT=has_weight,
                                 num_warps=LAUNCH["sums_num_warps"])
-    if options["batch_dice"] and options["ddp"] and _ddp_active():
+    if options["batch_dice"] and options["ddp"] and ddp_active():
         # the all-reduce sits between the passes: the finalize maths in torch (rare: multi-GPU)
         sums = partial.sum(3)
-        loss, a, b, ce_scale = _loss_and_coefficients(sums[:, :3, :C], sums[:, 3, 0], **options)
+        loss, a, b, ce_scale = loss_and_coefficients(sums[:, :3, :C], sums[:, 3, 0], **options)
         coef = torch.zeros((B, 3, c_pad), device=x.device, dtype=torch.float32)
         coef[:, 0, :C], coef[:, 1, :C], coef[:, 2, 0] = a, b, ce_scale
         return loss, coef, w
@@ -276,88 +274,6 @@ def _grad_triton(x, labels, ignore_label, coef, w, grad_output, has_weight):
     return grad
 
 
-def _forward_torch(x, labels, ignore_label, needs_grad, options):
-    """The same maths in torch (the CPU path): (loss, gradient per unit grad_output in the
-    compute dtype, or None). Class sums over voxels are batched matrix products."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    B, C, N = x.shape
-    labels = labels.long().unsqueeze(1)  # (B, 1, N)
-    mask = None
-    if ignore_label is not None:
-        valid = labels != ignore_label
-        labels = labels.masked_fill(~valid, 0)
-        mask = valid.to(compute)
-    log_p = torch.log_softmax(x.to(compute), 1)
-    log_p_label = log_p.gather(1, labels)  # (B, 1, N)
-    p = log_p.exp_()
-    p_label = log_p_label.exp()
-    weight = torch.ones_like(p_label) if mask is None else mask
-    inter = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], (p_label * weight)[:, 0])
-    pred = torch.bmm(p, weight.transpose(1, 2))[..., 0]
-    gt = torch.zeros((B, C), dtype=compute, device=x.device).scatter_add_(1, labels[:, 0], weight[:, 0])
-    ce_weight = weight  # m w_t: the CE's weight of each voxel
-    if options["ce_weight"] is not None:
-        w_label = torch.tensor(options["ce_weight"], dtype=compute, device=x.device)[labels]  # (B, 1, N)
-        ce_weight = weight * w_label
-    ce_sum = -(log_p_label * ce_weight).sum((1, 2))
-    loss, a, b, ce_scale = _loss_and_coefficients(torch.stack((inter, pred, gt), 1), ce_sum, **options)
-    if not needs_grad:
-        return loss, None
-    # dloss/dx = p (B_k + ce_scale w_t - sum_j p_j g_j) + [k == t] (p_t A_t - ce_scale w_t), times m
-    a_label = a.to(compute).gather(1, labels[:, 0]).unsqueeze(1)
-    b = b.to(compute).unsqueeze(1)  # (B, 1, C)
-    pg = torch.bmm(b, p).add_(p_label * a_label)  # sum_j p_j g_j, (B, 1, N)
-    ce_v = ce_scale if options["ce_weight"] is None else ce_scale * w_label  # (B, 1, N) when weighted
-    grad = p * (b.transpose(1, 2) + ce_v)
-    grad.addcmul_(p, pg, value=-1.0)
-    del p
-    grad.scatter_add_(1, labels, p_label * a_label - ce_v)
-    if mask is not None:
-        grad.mul_(mask)
-    return loss, grad
-
-
-def _ddp_active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _loss_and_coefficients(sums, ce_sum, *, batch_dice, do_bg, smooth, alpha, beta, weight_ce, weight_dice, ddp,
-                           ce_weight):
-    """Loss value, gradient coefficients A, B (B, C) and the CE scale, from the (B, 3, C) sums
-    I, P, G and the (B,) CE sums (see the module docstring). The torch path's maths, and the
-    Triton path's under DDP (the finalize kernel's otherwise)."""
-    if ce_weight is None:
-        n_valid = sums[:, 2].sum()  # each valid voxel has exactly one label
-    else:  # the sum of the class weights of the valid voxels' labels
-        n_valid = (sums[:, 2] * torch.tensor(ce_weight, dtype=sums.dtype, device=sums.device)).sum()
-    world = 1
-    if batch_dice:
-        sums = sums.sum(0)
-        if ddp and _ddp_active():
-            torch.distributed.all_reduce(sums)
-            world = torch.distributed.get_world_size()
-    inter, pred, gt = sums.unbind(-2)
-    first = 0 if do_bg else 1
-    numerator = 2 * inter + smooth
-    den = 2 * inter + 2 * alpha * (pred - inter) + 2 * beta * (gt - inter) + smooth
-    den_clamped = den.clamp_min(_CLAMP)
-    tversky = numerator / den_clamped
-    terms = tversky[..., first:].numel()
-    ce = torch.where(n_valid > 0, ce_sum.sum() / n_valid.clamp_min(1), 0.0)
-    loss = weight_ce * ce - weight_dice * tversky[..., first:].mean()
-
-    factor = weight_dice * world / terms
-    clamped = den < _CLAMP
-    a = torch.where(clamped, -2 * factor / den_clamped,
-                    -factor * (2 * den_clamped - 2 * (1 - alpha - beta) * numerator) / den_clamped ** 2)
-    b = torch.where(clamped, 0.0, factor * 2 * alpha * numerator / den_clamped ** 2)
-    a[..., :first] = 0
-    b[..., :first] = 0
-    a, b = (v.expand(ce_sum.shape[0], -1) for v in (a, b))
-    ce_scale = torch.where(n_valid > 0, weight_ce / n_valid.clamp_min(1), 0.0)
-    return loss, a, b, ce_scale
-
-
 class _FusedDiceCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, use_triton, ignore_label, needs_grad, options):
@@ -373,7 +289,7 @@ class _FusedDiceCEFunction(torch.autograd.Function):
                 if needs_grad:
                     ctx.save_for_backward(x, labels, coef, w)
             else:
-                loss, grad = _forward_torch(x, labels, ignore_label, needs_grad, options)
+                loss, grad = forward_torch(x, labels, ignore_label, needs_grad, options)
                 if needs_grad:
                     ctx.save_for_backward(grad)
         return loss
@@ -440,6 +356,8 @@ def fused_dice_ce(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: boo
                    weight_ce=float(weight_ce), weight_dice=float(weight_dice), ddp=ddp, ce_weight=ce_weight)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return _FusedDiceCEFunction.apply(logits, target, use_triton, ignore_label, needs_grad, options)
+
+
 class FusedDiceCELoss(nn.Module):
     """Drop-in for nnU-Net's `DC_and_CE_loss(soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice,
     ignore_label, dice_class=MemoryEfficientSoftDiceLoss)`: same arguments, value and gradient.

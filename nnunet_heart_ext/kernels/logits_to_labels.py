@@ -12,7 +12,7 @@ The maths: nnU-Net's export resamples the (C, Z, Y, X) logits with order 1 (skim
 the argmax over C (first index on ties). Along an axis of n_in -> n_out samples, output k reads the
 input at `x = (k + 0.5) * n_in / n_out - 0.5`, clamped to [0, n_in - 1], with weights
 `1 - (x - floor(x))` and `x - floor(x)` on voxels floor(x) and floor(x) + 1 (the same tables as
-kernels/resample.py). Order 1 is a convex combination, so the input's clipping to [min, max] never
+kernels/_resample_tables.py). Order 1 is a convex combination, so the input's clipping to [min, max] never
 bites. With a separate (low-resolution) axis, nnU-Net resamples the other two axes per slice
 (order 1) and that axis with `map_coordinates(order=order_z)`: order_z 0 takes the input slice
 `floor(clamp(x, 0, n_in - 1) + 0.5)` (weights 1, 0), order_z 1 the linear table above. Every case

@@ -59,6 +59,15 @@ def background_reaching_faces(mask):
 
 
 @njit(cache=True)
+def _label_index(value, labels):
+    """The index s of the first labels[s] equal to value, -1 where none is."""
+    for s in range(labels.shape[0]):
+        if value == labels[s]:
+            return s
+    return -1
+
+
+@njit(cache=True)
 def coordinates_grouped_by_label(seg, labels):
     """Coordinates of the voxels of 4-D `seg` whose value is one of `labels` (sorted), grouped by
     label in ascending order and in C order within a label, and the count of each label: what
@@ -69,11 +78,9 @@ def coordinates_grouped_by_label(seg, labels):
         for b in range(n1):
             for c in range(n2):
                 for d in range(n3):
-                    v = seg[a, b, c, d]
-                    for s in range(labels.shape[0]):
-                        if v == labels[s]:
-                            counts[s] += 1
-                            break
+                    s = _label_index(seg[a, b, c, d], labels)
+                    if s >= 0:
+                        counts[s] += 1
     position = np.zeros(labels.shape[0], dtype=np.int64)
     for s in range(1, labels.shape[0]):
         position[s] = position[s - 1] + counts[s - 1]
@@ -82,11 +89,9 @@ def coordinates_grouped_by_label(seg, labels):
         for b in range(n1):
             for c in range(n2):
                 for d in range(n3):
-                    v = seg[a, b, c, d]
-                    for s in range(labels.shape[0]):
-                        if v == labels[s]:
-                            i = position[s]
-                            coords[i, 0], coords[i, 1], coords[i, 2], coords[i, 3] = a, b, c, d
-                            position[s] += 1
-                            break
+                    s = _label_index(seg[a, b, c, d], labels)
+                    if s >= 0:
+                        i = position[s]
+                        coords[i, 0], coords[i, 1], coords[i, 2], coords[i, 3] = a, b, c, d
+                        position[s] += 1
     return coords, counts

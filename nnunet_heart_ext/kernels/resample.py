@@ -23,16 +23,11 @@ mode='nearest')`, and batchgenerators `resize_segmentation`):
   4 taps per axis instead of 64 per voxel.
 - Images are clipped to the input's [min, max] (per 2-D slice on the separate-z path), then
   stored in the input's dtype (numpy casting: integers truncate toward zero).
-- Segmentations, order 1 (`resize_segmentation` of batchgenerators 0.25.5, the version
-  installed with nnunetv2 2.8.1, seg_tiebreak='nearest'): every label's indicator is interpolated
-  (order 1, clipped to [0, 1]); the label with the largest value wins; on an exact tie the
-  nearest-neighbour label wins if it is among the tied labels, else the smallest tied label.
-  Here one pass over the output decides every voxel from its 8 neighbours; the indicator values
-  are summed in scipy's corner order with scipy's weights, in float64, so ties are the same ties.
 - Separate axis (`separate_axis`, nnU-Net's "separate z" for anisotropic spacing): the other
-  two axes as above per slice, then the low-resolution axis with `map_coordinates(order=order_z, mode='nearest')`; for
-  segmentations with order_z 1 the largest label whose interpolated indicator exceeds 0.5 wins,
-  0 where none does (nnU-Net's rule on that path).
+  two axes as above per slice, then the low-resolution axis with `map_coordinates(order=order_z, mode='nearest')`.
+- Segmentations (`is_seg`: order 0, and order 1 per label with batchgenerators' tie rule) are
+  computed in kernels/resample_seg.py, whose docstring states their maths; the per-axis tables
+  both paths read are in kernels/_resample_tables.py.
 
 Images are computed in float32 (the reference uses float64): differences are about 1e-6 of the
 value range. Integer-typed images can therefore differ by 1 where the exact value is within
@@ -50,6 +45,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from nnunet_heart_ext.kernels._resample_tables import (identity_linear_table, linear_table, nearest_table,
+                                                       source_coordinates)
+from nnunet_heart_ext.kernels.resample_seg import resample_seg_channel
+
 _PAD = 12  # scipy's zoom pads each axis by 12 edge samples before the spline prefilter
 _POLE = math.sqrt(3.0) - 2.0  # cubic B-spline prefilter pole
 _GAIN = (1.0 - _POLE) * (1.0 - 1.0 / _POLE)
@@ -57,44 +56,10 @@ _INIT_TAPS = 28  # causal init: pole**28 < 1e-15, the rest of scipy's mirror sum
 _TILE = 256  # columns per tile when resampling along a non-contiguous axis
 
 
-# ----------------------------------------------------------------------------- axis tables
-def _source_coordinates(n_in: int, n_out: int) -> np.ndarray:
-    return (np.arange(n_out, dtype=np.float64) + 0.5) * (float(n_in) / n_out) - 0.5
-
-
-def _mirror(i: np.ndarray, n: int) -> np.ndarray:
-    # scipy's border offset for a tap past the end (its weight is 0 there, but it must index)
-    return np.where(i >= n, np.maximum(2 * n - 2 - i, 0), i) if n > 1 else np.zeros_like(i)
-
-
-def _nearest_table(n_in: int, n_out: int) -> np.ndarray:
-    x = np.clip(_source_coordinates(n_in, n_out), 0, n_in - 1)
-    return np.floor(x + 0.5).astype(np.int64)
-
-
-def _linear_table(n_in: int, n_out: int):
-    """Indices (n_out, 2), weights (n_out, 2) float64 exactly as scipy computes them, and which
-    of the two taps is the nearest neighbour (n_out,)."""
-    x = np.clip(_source_coordinates(n_in, n_out), 0, n_in - 1)
-    i0 = np.floor(x)
-    w0 = 1.0 - (x - i0)
-    w1 = 1.0 - w0
-    i0 = i0.astype(np.int64)
-    idx = np.stack([i0, _mirror(i0 + 1, n_in)], axis=1)
-    nearest_is_upper = (np.floor(x + 0.5).astype(np.int64) != i0).astype(np.int64)
-    return idx, np.stack([w0, w1], axis=1), nearest_is_upper
-
-
-def _identity_linear_table(n: int):
-    idx = np.stack([np.arange(n), _mirror(np.arange(n) + 1, n)], axis=1).astype(np.int64)
-    w = np.zeros((n, 2))
-    w[:, 0] = 1.0
-    return idx, w, np.zeros(n, dtype=np.int64)
-
-
+# ----------------------------------------------------------------------------- axis tables (images)
 def _cubic_table(n_in: int, n_out: int):
     """Tap indices into the 12-padded line (n_out, 4) and cubic B-spline weights (n_out, 4)."""
-    x = _source_coordinates(n_in, n_out) + _PAD
+    x = source_coordinates(n_in, n_out) + _PAD
     f = np.floor(x)
     y = x - f
     z = 1.0 - y
@@ -110,9 +75,9 @@ def _cubic_table(n_in: int, n_out: int):
 def _axis_table(n_in: int, n_out: int, order: int):
     """(idx, weights float32, pad) for one separable image pass of `order`."""
     if order == 0:
-        return _nearest_table(n_in, n_out)[:, None], np.ones((n_out, 1), np.float32), 0
+        return nearest_table(n_in, n_out)[:, None], np.ones((n_out, 1), np.float32), 0
     if order == 1:
-        idx, w, _ = _linear_table(n_in, n_out)
+        idx, w, _ = linear_table(n_in, n_out)
         return idx, w.astype(np.float32), 0
     idx, w = _cubic_table(n_in, n_out)
     return idx, w.astype(np.float32), _PAD
@@ -264,7 +229,7 @@ def _resample_image(img: np.ndarray, dst: np.ndarray, order: int, lo=-np.inf, hi
     if order == 1:  # one fused pass; axes left alone get the identity (weights 1, 0)
         tables = []
         for a in range(3):
-            idx, w, _ = _linear_table(cur.shape[a], dst.shape[a]) if a in todo else _identity_linear_table(cur.shape[a])
+            idx, w, _ = linear_table(cur.shape[a], dst.shape[a]) if a in todo else identity_linear_table(cur.shape[a])
             tables += [idx, w.astype(np.float32)]
         out = dst if dst.dtype == np.float32 else np.empty(dst.shape, np.float32)
         _resample_linear_3d(cur, out, *tables, np.float32(lo), np.float32(hi))
@@ -280,119 +245,6 @@ def _resample_image(img: np.ndarray, dst: np.ndarray, order: int, lo=-np.inf, hi
             np.copyto(dst, _resample_axis(cur, a, dst.shape[a], order, None, lo, hi), casting="unsafe")
     return dst
 
-
-# ----------------------------------------------------------------------------- segmentation kernels
-@njit(cache=True, parallel=True)
-def _gather_nearest(src, dst, i0, i1, i2):
-    for a in prange(dst.shape[0]):
-        for b in range(dst.shape[1]):
-            for c in range(dst.shape[2]):
-                dst[a, b, c] = src[i0[a], i1[b], i2[c]]
-
-
-@njit(cache=True, parallel=True)
-def _seg_linear_argmax(src, dst, idx0, w0, nn0, idx1, w1, nn1, idx2, w2, nn2):
-    """Per voxel: order-1 indicator of every label among its 8 neighbours (float64, scipy's
-    corner order and weights), clip to 1, largest wins; exact ties go to the nearest neighbour's
-    label if it is tied, else to the smallest tied label (batchgenerators seg_tiebreak='nearest').
-    Where all 8 neighbours agree (most voxels) that label is the answer without any arithmetic."""
-    n0, n1, n2 = dst.shape
-    for ab in prange(n0 * n1):
-        a = ab // n1
-        b = ab % n1
-        rows = (src[idx0[a, 0], idx1[b, 0]], src[idx0[a, 0], idx1[b, 1]],
-                src[idx0[a, 1], idx1[b, 0]], src[idx0[a, 1], idx1[b, 1]])
-        labels = np.empty(8, dtype=src.dtype)
-        scores = np.empty(8, dtype=np.float64)
-        corner = np.empty(8, dtype=src.dtype)
-        for c in range(n2):
-            x0, x1 = idx2[c, 0], idx2[c, 1]
-            first = rows[0][x0]
-            if (rows[0][x1] == first and rows[1][x0] == first and rows[1][x1] == first and rows[2][x0] == first
-                    and rows[2][x1] == first and rows[3][x0] == first and rows[3][x1] == first):
-                dst[a, b, c] = first
-                continue
-            nl = 0
-            for pq in range(4):  # corner order (z, y, x) with x fastest, as scipy sums them
-                for r in range(2):
-                    v = rows[pq][idx2[c, r]]
-                    corner[pq * 2 + r] = v
-                    coeff = (w0[a, pq // 2] * w1[b, pq % 2]) * w2[c, r]
-                    s = 0
-                    while s < nl and labels[s] != v:
-                        s += 1
-                    if s == nl:
-                        labels[s] = v
-                        scores[s] = 0.0
-                        nl += 1
-                    scores[s] += coeff
-            best = -1.0
-            win = labels[0]
-            for s in range(nl):
-                sc = min(scores[s], 1.0)
-                scores[s] = sc
-                if sc > best or (sc == best and labels[s] < win):
-                    best = sc
-                    win = labels[s]
-            nn = corner[nn0[a] * 4 + nn1[b] * 2 + nn2[c]]
-            for s in range(nl):
-                if labels[s] == nn and scores[s] == best and best > 0.0:
-                    win = nn
-            dst[a, b, c] = win
-
-
-@njit(cache=True, parallel=True)
-def _seg_linear_threshold_axis0(src, dst, idx, w):
-    """nnU-Net's separate-z rule along axis 0 of (n_in, m) -> (n_out, m): the largest label whose
-    interpolated indicator exceeds 0.5, else 0."""
-    n_out, m = dst.shape
-    for k in prange(n_out):
-        i0, i1 = idx[k, 0], idx[k, 1]
-        a, b = w[k, 0], w[k, 1]
-        for j in range(m):
-            lab0 = src[i0, j]
-            lab1 = src[i1, j]
-            if lab0 == lab1:
-                dst[k, j] = lab0 if a + b > 0.5 else 0
-            elif a > 0.5 and (b <= 0.5 or lab0 > lab1):
-                dst[k, j] = lab0
-            elif b > 0.5:
-                dst[k, j] = lab1
-            else:
-                dst[k, j] = 0
-
-
-def _resample_seg(seg: np.ndarray, dst: np.ndarray, order: int, sep_axis: Optional[int]) -> np.ndarray:
-    """Order 0 or 1 to dst.shape over all axes, or (sep_axis given) in-plane only."""
-    shape = seg.shape
-    in_plane = [a for a in range(3) if a != sep_axis]
-    target = dst.shape
-    if order == 0:
-        tables = [_nearest_table(shape[a], target[a]) if a in in_plane else np.arange(shape[a]) for a in range(3)]
-        _gather_nearest(seg, dst, *tables)
-        return dst
-    tables = []
-    for a in range(3):
-        tables += _linear_table(shape[a], target[a]) if a in in_plane else _identity_linear_table(shape[a])
-    _seg_linear_argmax(seg, dst, *tables)
-    return dst
-
-
-def _resample_seg_along(seg: np.ndarray, dst: np.ndarray, axis: int, order_z: int) -> np.ndarray:
-    """The low-resolution axis of the separate-z path (map_coordinates, mode 'nearest')."""
-    n_out = dst.shape[axis]
-    moved = np.ascontiguousarray(np.moveaxis(seg, axis, 0))
-    flat = moved.reshape(moved.shape[0], -1)
-    if order_z == 0:
-        out = flat[_nearest_table(flat.shape[0], n_out)]
-    else:
-        idx, w, _ = _linear_table(flat.shape[0], n_out)
-        out = np.empty((n_out, flat.shape[1]), dtype=seg.dtype)
-        _seg_linear_threshold_axis0(flat, out, idx, w)
-    dst[...] = np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis)
-    return dst
-
-
 # ----------------------------------------------------------------------------- public function
 def supports(is_seg: bool, order: int, order_z: int) -> bool:
     """Whether `resample` computes these orders (images 0, 1, 3; segmentations 0, 1; order_z 0, 1)."""
@@ -404,18 +256,7 @@ def _channel(data_c: np.ndarray, dst: np.ndarray, is_seg: bool, order: int, orde
     """Resample one channel (3-D) into dst, a C-contiguous (Z, Y, X) array of the output dtype."""
     axis = separate_axis
     if is_seg:
-        if data_c.size == 0:
-            dst[...] = 0
-        elif axis is None:
-            _resample_seg(np.ascontiguousarray(data_c), dst, order, None)
-        elif data_c.shape[axis] == dst.shape[axis]:
-            _resample_seg(np.ascontiguousarray(data_c), dst, order, axis)
-        else:
-            plane_shape = list(dst.shape)
-            plane_shape[axis] = data_c.shape[axis]
-            plane = np.empty(plane_shape, dtype=dst.dtype)
-            _resample_seg(np.ascontiguousarray(data_c), plane, order, axis)
-            _resample_seg_along(plane, dst, axis, order_z)
+        resample_seg_channel(data_c, dst, order, order_z, separate_axis)
         return
     if axis is None:
         _resample_image(data_c, dst, order, data_c.min(), data_c.max())
@@ -445,7 +286,7 @@ def resample(data: np.ndarray, new_shape: Sequence[int], is_seg: bool = False, o
     separate_axis: None resamples the three axes together; 0, 1 or 2 resamples the other two
     per slice with `order`, then that axis alone with `order_z`.
     threads: Numba threads for this call (None: Numba's current setting).
-    The maths are in the module docstring."""
+    The maths are in the module docstring (segmentations: kernels/resample_seg.py's)."""
     data = np.asarray(data)
     if data.ndim != 4:
         raise ValueError(f"resample: data must be (C, Z, Y, X), got {data.ndim} dimensions")
