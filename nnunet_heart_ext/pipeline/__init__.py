@@ -1,7 +1,8 @@
 """`nnunet-heart pipeline` (what `ensemble_pipeline.sh` runs): organizer files -> predict.zip
 with nnU-Net's official commands, resumable, here or on Slurm.
 
-    options.py         the options (command line, HEART_* environment, --demo defaults)
+    option_table.py    each option stated once: flag, --help rows, HEART_* variable, defaults
+    options.py         parsing them into Options (checks, --demo defaults), a Slurm job's command line
     steps.py           each step: its official commands, and "done, or why not"
     launchers.py       the Launcher interface, picking one, the dry run's command listing
     local.py           LocalLauncher: here (GPU slots, CPU parallel)
