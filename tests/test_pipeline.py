@@ -503,7 +503,7 @@ def test_demo_trains_a_fold_whose_validation_holds_every_label(tmp_path, seed):
 def test_gpu_slots_one_job_per_gpu_at_a_time(tmp_path):
     """The GPU path of the local launcher: each job sees only its own GPU (CUDA_VISIBLE_DEVICES),
     never two jobs on one GPU at once, and more jobs than GPUs queue for a free one."""
-    from nnunet_heart_ext.pipeline.launchers import LocalLauncher
+    from nnunet_heart_ext.pipeline.local import LocalLauncher
     from nnunet_heart_ext.pipeline.options import parse
     from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
 
@@ -524,7 +524,7 @@ def test_gpu_slots_one_job_per_gpu_at_a_time(tmp_path):
 
 
 def test_log_writer_keeps_one_line_per_progress_bar(tmp_path):
-    from nnunet_heart_ext.pipeline.launchers import LogWriter
+    from nnunet_heart_ext.pipeline.terminal import LogWriter
 
     w = LogWriter(tmp_path / "x.log", every=3600)
     w.feed(b"start\n")
@@ -544,7 +544,7 @@ STOP_SCRIPT = '''
 import signal, sys
 from pathlib import Path
 from nnunet_heart_ext.pipeline import _terminate
-from nnunet_heart_ext.pipeline.launchers import LocalLauncher
+from nnunet_heart_ext.pipeline.local import LocalLauncher
 from nnunet_heart_ext.pipeline.options import parse
 from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
 
@@ -566,7 +566,7 @@ except KeyboardInterrupt:
 def test_terminated_pipeline_stops_its_jobs_and_their_children(tmp_path):
     """`kill PID` of the pipeline (SIGTERM to it alone, not its process group): the running jobs
     and the processes they started end too, and the queued job never starts."""
-    from nnunet_heart_ext.pipeline.launchers import process_tree
+    from nnunet_heart_ext.pipeline.processes import process_tree
 
     script = tmp_path / "stop.py"
     script.write_text(STOP_SCRIPT)
@@ -597,7 +597,7 @@ def test_terminated_pipeline_stops_its_jobs_and_their_children(tmp_path):
 def test_status_line_redraws_only_on_a_terminal():
     import io
 
-    from nnunet_heart_ext.pipeline.launchers import Terminal
+    from nnunet_heart_ext.pipeline.terminal import Terminal
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -616,20 +616,20 @@ def test_status_line_redraws_only_on_a_terminal():
 def test_a_log_that_cannot_be_written_does_not_hang_the_job(tmp_path, monkeypatch):
     """A full disk: writing the log fails, but the job's output is still drained (a job blocked on a
     full pipe would hang forever) and the job ends as it would have."""
-    from nnunet_heart_ext.pipeline import launchers
+    from nnunet_heart_ext.pipeline import local, terminal
     from nnunet_heart_ext.pipeline.options import parse
     from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
 
     def disk_full(self, line):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(launchers.LogWriter, "_write", disk_full)
+    monkeypatch.setattr(terminal.LogWriter, "_write", disk_full)
     o = parse(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cpu"])
     o.logs.mkdir(parents=True)
     code = "import sys; [sys.stdout.write('x' * 1000 + '\\n') for _ in range(2000)]"
     job = Job("chatty", [sys.executable, "-c", code], o.logs / "chatty.log", slot=True)
     started = time.time()
-    launchers.LocalLauncher(Context(o)).run_wave(Wave([job]))
+    local.LocalLauncher(Context(o)).run_wave(Wave([job]))
     assert time.time() - started < 60
     (record,) = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
     assert record["rc"] == 0

@@ -1,10 +1,16 @@
 """`nnunet-heart pipeline` (what `ensemble_pipeline.sh` runs): organizer files -> predict.zip
 with nnU-Net's official commands, resumable, here or on Slurm.
 
-    options.py    the options (command line, HEART_* environment, --demo defaults)
-    steps.py      each step: its official commands, and "done, or why not"
-    launchers.py  local (GPU slots, CPU parallel) and Slurm (arrays, afterok, cancel, follow)
-    report.py     --status, the Dice tables, the closing summary
+    option_table.py    each option stated once: flag, --help rows, HEART_* variable, defaults
+    options.py         parsing them into Options (checks, --demo defaults), a Slurm job's command line
+    steps.py           each step: its official commands, and "done, or why not"
+    launchers.py       the Launcher interface, picking one, the dry run's command listing
+    local.py           LocalLauncher: here (GPU slots, CPU parallel)
+    slurm_launcher.py  SlurmLauncher: the steps as Slurm jobs (arrays, afterok, cancel, follow)
+    slurm.py           the Slurm client (sbatch, squeue, sacct, ...; WORK/slurm/jobs.json)
+    processes.py       a job's process and its log pump; stopping process trees
+    terminal.py        notes, the status line, job logs
+    report.py          --status, the Dice tables, the closing summary
 
 `bash ensemble_pipeline.sh --help` lists the options.
 """
@@ -22,6 +28,7 @@ def _terminate(signum, frame):
 def main(argv: Optional[List[str]] = None) -> int:
     from nnunet_heart_ext.pipeline import launchers, report
     from nnunet_heart_ext.pipeline.steps import Context, make_steps
+    from nnunet_heart_ext.pipeline.terminal import TERMINAL
 
     try:
         options = parse(argv)
@@ -30,15 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         ctx = Context(options)
         steps = make_steps(ctx)
         if options.status:
-            jobs = None
-            if options.launcher == "slurm":
-                jobs = launchers.SlurmLauncher(ctx).live_jobs_by_step()
+            jobs = launchers.queued_jobs_by_step(ctx)
             report.status([s for s in steps if options.wanted(s.name)], options.json, jobs)
             return 0
-        if options.launcher == "slurm":
-            launcher = launchers.SlurmLauncher(ctx)
-        else:
-            launcher = launchers.LocalLauncher(ctx, strict=not options.dry_run)
+        launcher = launchers.pick(ctx)
         if options.dry_run:
             return launcher.dry_run(steps)
         previous = signal.signal(signal.SIGTERM, _terminate)  # `kill PID`: stop the jobs too, like Ctrl-C
@@ -47,10 +49,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     except PipelineError as e:
-        launchers.TERMINAL.clear()
+        TERMINAL.clear()
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        launchers.TERMINAL.clear()
+        TERMINAL.clear()
         print("\n[pipeline] interrupted; rerun the same command to continue", file=sys.stderr, flush=True)
         return 130

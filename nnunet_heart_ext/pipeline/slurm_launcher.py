@@ -1,0 +1,223 @@
+"""The Slurm launcher: the steps as Slurm jobs, which ones, in what order, and following them.
+
+Each job runs this pipeline on the local launcher for its part (so every job decides from the
+outputs, as a local run does, and logs the official command lines it runs): prepare+plan, the
+folds as one array (train+validate per task, one GPU each), best, predict (one GPU),
+postprocess+export(+score), each `afterok` on the jobs before it, so that a failed job's
+dependents are cancelled by Slurm itself. A rerun submits only what is neither done nor queued or
+running (and cancels and replaces a queued job whose dependencies were replaced). `--wait`
+follows the jobs to their end. The calls to Slurm and the record of submissions are `slurm.py`'s.
+"""
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from nnunet_heart_ext.pipeline import report
+from nnunet_heart_ext.pipeline.launchers import Launcher, print_commands
+from nnunet_heart_ext.pipeline.options import PipelineError, command_line
+from nnunet_heart_ext.pipeline.slurm import FAILED_STATES, Slurm, Unit
+from nnunet_heart_ext.pipeline.steps import Context, Step, Train, Validate
+from nnunet_heart_ext.pipeline.terminal import TERMINAL, log_tail, note
+
+UNITS = [Unit("prep", ["prepare", "plan"]), Unit("train", ["train", "validate"], gpu=True, array=True),
+         Unit("best", ["best"]), Unit("predict", ["predict"], gpu=True),
+         Unit("finish", ["postprocess", "export", "score"])]
+
+
+class SlurmLauncher(Launcher):
+    """Submits the steps as the `UNITS`' jobs (what is neither done nor queued), follows them with --wait."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.o = ctx, ctx.o
+        self.slurm = Slurm(self.o)
+        self.poll = float(os.environ.get("HEART_SLURM_POLL", "15"))
+        ctx.slots = ["gpu"] if self.o.device == "cuda" else [f"cpu{i}" for i in range(self.o.parallel)]
+
+    # ------------------------------------------------------------------ what is done
+    def units(self) -> List[Unit]:
+        out = []
+        for u in UNITS:
+            steps = [s for s in u.steps if s in self.o.steps() and self.o.wanted(s)]
+            if steps:
+                out.append(Unit(u.name, steps, u.gpu, u.array))
+        return out
+
+    def units_by_name(self) -> Dict[str, Unit]:
+        return {u.name: u for u in self.units()}
+
+    def unit_done(self, unit: Unit, steps: Dict[str, Step]) -> bool:
+        if any(self.o.forced(s) for s in unit.steps):
+            return False
+        try:
+            return all(steps[s].check().done for s in unit.steps)
+        except PipelineError:
+            return False
+
+    def task_done(self, config: str, fold: int, steps=("train", "validate")) -> bool:
+        """One fold of the array: its steps (those of the train unit that --only keeps) are done."""
+        if any(self.o.forced(s) for s in steps):
+            return False
+        if "train" in steps and not Train(self.ctx).fold_state(config, fold).done:
+            return False
+        return "validate" not in steps or Validate(self.ctx).fold_check(config, fold).done
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, steps: Dict[str, Step], dry: bool = False) -> List[dict]:
+        """Submit what is neither done nor queued/running; return the records of every job to follow."""
+        records = self.slurm.records()
+        live = {} if dry else self.slurm.live()
+        follow: List[dict] = []
+        upstream: List[str] = []   # job ids the next unit waits for
+        cascade = False            # an earlier unit runs: later ones cannot be judged done yet
+        renewed = False            # an earlier unit got a new job: queued later jobs wait on replaced ones
+        for unit in self.units():
+            if unit.array:
+                keys = [(f"train:{c}:{f}", c, f) for c in self.o.configs for f in self.o.folds]
+                todo = [(k, c, f) for k, c, f in keys if cascade or not self.task_done(c, f, unit.steps)]
+            else:
+                keys = [(unit.name, None, None)]
+                todo = keys if cascade or not self.unit_done(unit, steps) else []
+            if not todo:
+                if not dry:
+                    note(f"  {unit.name} ({', '.join(unit.steps)}): already done")
+                continue
+            kept, new = [], []
+            for key, c, f in todo:
+                last = self.slurm.last(records, key)
+                if last and self.slurm.alive(last["job"], live):
+                    if renewed:  # it waits on jobs that were replaced: replace it too
+                        self.slurm.cancel(last["job"])
+                        note(f"  {key}: cancelled queued job {last['job']} (it waited on replaced jobs)")
+                        new.append((key, c, f))
+                    else:
+                        kept.append(last)
+                else:
+                    if last and last["job"] in live:  # pending forever: its dependency failed
+                        self.slurm.cancel(last["job"])
+                    new.append((key, c, f))
+            for r in kept:
+                if not dry:
+                    note(f"  {r['key']}: job {r['job']} is {live[r['job']][0].lower()}; not submitted again")
+            ids = [r["job"] for r in kept]
+            follow += kept
+            if new:
+                if unit.array:
+                    commands = [command_line(self.o, unit.steps, [c], [f]) for _, c, f in new]
+                else:
+                    commands = [command_line(self.o, unit.steps)]
+                job, new_ids = self.slurm.sbatch(unit, commands, upstream, dry)
+                for (key, c, f), job_id in zip(new, new_ids):
+                    rec = dict(key=key, unit=unit.name, job=job_id, submitted=time.time(),
+                               log=str(self.slurm.log_of(unit.name, job_id)), after=list(upstream))
+                    records.append(rec)
+                    follow.append(rec)
+                if not dry:
+                    note(f"  {unit.name} ({', '.join(unit.steps)}): submitted job {job}"
+                         + (f" ({len(new)} task(s): " + ", ".join(f"{c} fold {f}" for _, c, f in new) + ")"
+                            if unit.array else "") + (f", after {','.join(upstream)}" if upstream else ""))
+                    self.slurm.save(records)
+                ids += [job] if unit.array else new_ids
+                renewed = True
+            upstream = ids
+            cascade = True
+        return follow
+
+    # ------------------------------------------------------------------ following
+    def follow(self, jobs: List[dict], steps: Dict[str, Step]) -> int:
+        order = [u.name for u in UNITS]
+        pending = {r["job"]: r for r in jobs}
+        note(f"following {len(pending)} job(s): {', '.join(pending)} (every {self.poll:g} s)")
+        started: Dict[str, float] = {}
+        while pending:
+            live = self.slurm.live()
+            for job, r in list(pending.items()):
+                if job in live and "DependencyNeverSatisfied" not in live[job][1]:
+                    if live[job][0] == "RUNNING" and job not in started:
+                        started[job] = time.time()
+                        note(f"  job {job} ({r['key']}) running (log: {r['log']})")
+                    continue
+                if job in live:  # its dependency failed: Slurm will cancel it (--kill-on-invalid-dep)
+                    self.slurm.cancel(job)
+                    state, exit_code, reason = "CANCELLED", "0:0", "DependencyNeverSatisfied"
+                else:
+                    state, exit_code, reason = self.slurm.ended(job)
+                del pending[job]
+                if state == "UNKNOWN":  # forgotten by the controller: judge by the outputs
+                    unit = self.units_by_name()[r["unit"]]
+                    if unit.array:
+                        _, config, fold = r["key"].split(":")
+                        done = self.task_done(config, int(fold), unit.steps)
+                    else:
+                        done = self.unit_done(unit, steps)
+                    state = "COMPLETED" if done else "FAILED"
+                note(f"  job {job} ({r['key']}) ended: {state} (exit {exit_code})")
+                if state.split()[0] not in FAILED_STATES:
+                    continue
+                # a failure: cancel what depends on it, show its log
+                later = [j for j, o in pending.items() if order.index(o["unit"]) > order.index(r["unit"])]
+                if later:
+                    self.slurm.cancel(*later)
+                    note(f"  cancelled the jobs that depend on it: {', '.join(later)}")
+                others = [j for j in pending if j not in later]
+                TERMINAL.clear()
+                shown = [r]
+                if reason == "DependencyNeverSatisfied":  # the failure was upstream: show those jobs' logs
+                    after = set(r.get("after", []))
+                    upstream = [x for x in self.slurm.records() if x["job"] in after or x["job"].split("_")[0] in after]
+                    failed = [x for x in upstream if self.slurm.ended(x["job"])[0].split()[0] in FAILED_STATES]
+                    shown = failed or upstream or [r]
+                for x in shown:
+                    print(f"---- last lines of {x['log']} ----\n{log_tail(Path(x['log']))}", file=sys.stderr)
+                why = f" ({reason})" if reason and reason != "None" else ""
+                raise PipelineError(f"Slurm job {job} ({r['key']}) {state}{why}; full log: {r['log']}"
+                                    + (f"; still running: {', '.join(others)} (their results are kept)" if others
+                                       else "") + "; rerun to submit what is left")
+            if pending:
+                time.sleep(self.poll)
+        return 0
+
+    # ------------------------------------------------------------------ entry
+    def run(self, steps: List[Step]) -> int:
+        o = self.o
+        by_name = {s.name: s for s in steps}
+        note(f"work: {o.work}   launcher: slurm   device: {o.device}   folds: {','.join(map(str, o.folds))}   "
+             f"configs: {','.join(o.configs)}")
+        note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}   sbatch extra: "
+             f"{shlex.join(o.slurm_args) or '(none)'}")
+        o.logs.mkdir(parents=True, exist_ok=True)
+        jobs = self.submit(by_name)
+        if not jobs:
+            note("nothing to submit: every step is done")
+            print(report.summary(self.ctx, {}), flush=True)
+            return 0
+        if not o.wait:
+            ids = ",".join(r["job"] for r in jobs)
+            print(f"\nsubmitted or queued: {ids}\nfollow them with:\n  squeue --me -j {ids}\n"
+                  f"  tail -f {o.logs / 'slurm'}/*.log\n"
+                  f"  the same command with --status (each step, done or not) or --wait (follow to the end; "
+                  f"submits nothing twice)", flush=True)
+            return 0
+        self.follow(jobs, by_name)
+        print(report.summary(self.ctx, {}), flush=True)
+        return 0
+
+    def dry_run(self, steps: List[Step]) -> int:
+        print(f"# dry run (slurm): the sbatch commands in order, each with the pipeline command its job runs; "
+              f"nothing is submitted. work: {self.o.work}")
+        self.submit({s.name: s for s in steps}, dry=True)
+        print("# the official commands those jobs run, in order (each job on one GPU, or one CPU slot):")
+        print_commands(steps, self.o, self.ctx.slots, indent="#   ")
+        return 0
+
+    def live_jobs_by_step(self) -> Dict[str, List[str]]:
+        records, live = self.slurm.records(), self.slurm.live()
+        out: Dict[str, List[str]] = {}
+        for u in UNITS:
+            for r in records:
+                if r["unit"] == u.name and r["job"] in live:
+                    for s in u.steps:
+                        out.setdefault(s, []).append(f"{r['job']} {live[r['job']][0].lower()}")
+        return out
