@@ -1,10 +1,16 @@
 """`nnunet-heart pipeline` (what `ensemble_pipeline.sh` runs): organizer files -> predict.zip
 with nnU-Net's official commands, resumable, here or on Slurm.
 
-    options.py    the options (command line, HEART_* environment, --demo defaults)
-    steps.py      each step: its official commands, and "done, or why not"
-    launchers.py  local (GPU slots, CPU parallel) and Slurm (arrays, afterok, cancel, follow)
-    report.py     --status, the Dice tables, the closing summary
+    options.py         the options (command line, HEART_* environment, --demo defaults)
+    layout.py          every path the pipeline reads or writes (work folder, nnU-Net's folders)
+    context.py         what the steps share: options, layout, slots, nnU-Net's environment
+    nnunet_outputs.py  readers of nnU-Net's JSON files (plans, splits, summary, inference information)
+    checks.py          what "done" means in files: Check, a fold's typed State, the file checks
+    steps/             each step: its official commands, "done, or why not", the steps it needs
+                       (base.py; data.py: prepare, plan; model.py: train, validate, best;
+                       inference.py: predict, postprocess, export, score)
+    launchers.py       local (GPU slots, CPU parallel) and Slurm (arrays, afterok, cancel, follow)
+    report.py          --status, the Dice tables, the closing summary
 
 `bash ensemble_pipeline.sh --help` lists the options.
 """
@@ -27,7 +33,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         options = parse(argv)
         if options is None:
             return 0  # --help
-        ctx = Context(options)
+        if options.launcher == "slurm":
+            slots = launchers.slurm_slots(options)
+        else:  # a dry run or --status checks no GPU
+            slots = launchers.resolve_slots(options, strict=not (options.dry_run or options.status))
+        ctx = Context(options, slots)
         steps = make_steps(ctx)
         if options.status:
             jobs = None
@@ -38,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if options.launcher == "slurm":
             launcher = launchers.SlurmLauncher(ctx)
         else:
-            launcher = launchers.LocalLauncher(ctx, strict=not options.dry_run)
+            launcher = launchers.LocalLauncher(ctx)
         if options.dry_run:
             return launcher.dry_run(steps)
         previous = signal.signal(signal.SIGTERM, _terminate)  # `kill PID`: stop the jobs too, like Ctrl-C

@@ -270,20 +270,19 @@ class _Running:
     thread: threading.Thread
     start: float
 
-    def finish(self, logs: Path, rc: int):
+    def finish(self, records: Path, rc: int):
         self.thread.join(timeout=30)
         self.writer.close()
         record = dict(job=self.job.name, slot=self.slot, start=self.start, end=time.time(), rc=rc, pid=self.proc.pid,
                       command=self.job.command)
-        with open(logs / "jobs.jsonl", "a") as f:
+        with open(records, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 class LocalLauncher:
-    def __init__(self, ctx: Context, strict: bool = True):
+    def __init__(self, ctx: Context):
         self.ctx, self.o = ctx, ctx.o
-        self.slots = resolve_slots(ctx.o, strict)
-        ctx.slots = self.slots
+        self.slots = ctx.slots
 
     # ------------------------------------------------------------------ whole pipeline
     def run(self, steps: List[Step]) -> int:
@@ -293,7 +292,7 @@ class LocalLauncher:
              f"{','.join(map(str, o.folds))}   configs: {','.join(o.configs)}")
         note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}")
         note(f"nnUNet_raw={o.raw} nnUNet_preprocessed={o.preprocessed} nnUNet_results={o.results}")
-        o.logs.mkdir(parents=True, exist_ok=True)
+        self.ctx.layout.logs.mkdir(parents=True, exist_ok=True)
         timings: Dict[str, Tuple[float, str]] = {}
         for step in steps:
             if not o.wanted(step.name):
@@ -374,7 +373,7 @@ class LocalLauncher:
                 pass
             _signal_all([p for p in trees[name] if os.path.exists(f"/proc/{p}")], signal.SIGKILL)
             r.proc.wait()
-            r.finish(self.o.logs, r.proc.returncode)
+            r.finish(self.ctx.layout.job_records, r.proc.returncode)
         running.clear()
 
     def _schedule(self, jobs: List[Job], slots: List[Optional[str]]):
@@ -391,7 +390,7 @@ class LocalLauncher:
                     rc = r.proc.poll()
                     if rc is None:
                         continue
-                    r.finish(self.o.logs, rc)
+                    r.finish(self.ctx.layout.job_records, rc)
                     del running[name]
                     free.append(r.slot)
                     if rc != 0:
@@ -437,12 +436,16 @@ def _slurm(*argv, check=True) -> subprocess.CompletedProcess:
     return p
 
 
+def slurm_slots(o: Options) -> List[str]:
+    """Each Slurm job runs on one GPU (or, with --device cpu, as the local launcher's CPU slots)."""
+    return ["gpu"] if o.device == "cuda" else [f"cpu{i}" for i in range(o.parallel)]
+
+
 class SlurmLauncher:
     def __init__(self, ctx: Context):
         self.ctx, self.o = ctx, ctx.o
-        self.record_file = self.o.slurm_dir / "jobs.json"
+        self.record_file = ctx.layout.slurm_records
         self.poll = float(os.environ.get("HEART_SLURM_POLL", "15"))
-        ctx.slots = ["gpu"] if self.o.device == "cuda" else [f"cpu{i}" for i in range(self.o.parallel)]
 
     # ------------------------------------------------------------------ record of submissions
     def records(self) -> List[dict]:
@@ -518,7 +521,7 @@ class SlurmLauncher:
 
     # ------------------------------------------------------------------ submission
     def _script(self, unit: Unit, commands: List[List[str]], stamp: str) -> Path:
-        path = self.o.slurm_dir / "scripts" / f"{unit.name}-{stamp}.sh"
+        path = self.ctx.layout.slurm_scripts / f"{unit.name}-{stamp}.sh"
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = ["#!/usr/bin/env bash", f"# nnunet-heart pipeline, Slurm job '{unit.name}': {', '.join(unit.steps)}",
                  "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
@@ -536,7 +539,7 @@ class SlurmLauncher:
 
     def _sbatch(self, unit: Unit, commands: List[List[str]], after: List[str], dry: bool) -> Tuple[str, List[str]]:
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-        logs = self.o.logs / "slurm"
+        logs = self.ctx.layout.slurm_logs
         argv = ["sbatch", "--parsable", f"--job-name=heart-{unit.name}",
                 f"--output={logs / (unit.name + ('-%A_%a.log' if unit.array else '-%j.log'))}"]
         if unit.array:
@@ -560,7 +563,7 @@ class SlurmLauncher:
         return job, ids
 
     def _log_of(self, unit: str, job: str) -> Path:
-        return self.o.logs / "slurm" / f"{unit}-{job}.log"
+        return self.ctx.layout.slurm_logs / f"{unit}-{job}.log"
 
     def submit(self, steps: Dict[str, Step], dry: bool = False) -> List[dict]:
         """Submit what is neither done nor queued/running; return the records of every job to follow."""
@@ -684,7 +687,7 @@ class SlurmLauncher:
              f"configs: {','.join(o.configs)}")
         note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}   sbatch extra: "
              f"{shlex.join(o.slurm_args) or '(none)'}")
-        o.logs.mkdir(parents=True, exist_ok=True)
+        self.ctx.layout.logs.mkdir(parents=True, exist_ok=True)
         jobs = self.submit(by_name)
         if not jobs:
             note("nothing to submit: every step is done")
@@ -693,7 +696,7 @@ class SlurmLauncher:
         if not o.wait:
             ids = ",".join(r["job"] for r in jobs)
             print(f"\nsubmitted or queued: {ids}\nfollow them with:\n  squeue --me -j {ids}\n"
-                  f"  tail -f {o.logs / 'slurm'}/*.log\n"
+                  f"  tail -f {self.ctx.layout.slurm_logs}/*.log\n"
                   f"  the same command with --status (each step, done or not) or --wait (follow to the end; "
                   f"submits nothing twice)", flush=True)
             return 0
