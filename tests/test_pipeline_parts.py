@@ -242,3 +242,16 @@ def test_slots_are_given_when_the_context_is_built(tmp_path):
                 for t in node.targets:
                     assert not (isinstance(t, ast.Attribute) and t.attr == "slots"
                                 and not (isinstance(t.value, ast.Name) and t.value.id == "self")), path
+
+
+def test_status_looks_for_no_gpu(tmp_path, monkeypatch, capsys):
+    """--status runs nothing: main builds its context without resolving the local slots (as before
+    the slots were given at construction, --status never asked torch for GPUs)."""
+    from nnunet_heart_ext.pipeline import launchers, main
+
+    def no_gpu_lookup(*args, **kwargs):
+        raise AssertionError("--status resolved the slots")
+
+    monkeypatch.setattr(launchers, "resolve_slots", no_gpu_lookup)
+    assert main(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cuda", "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("prepare")

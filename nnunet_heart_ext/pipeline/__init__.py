@@ -35,8 +35,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0  # --help
         if options.launcher == "slurm":
             slots = launchers.slurm_slots(options)
-        else:  # a dry run or --status checks no GPU
-            slots = launchers.resolve_slots(options, strict=not (options.dry_run or options.status))
+        elif options.status:
+            slots = []  # --status runs nothing: no GPU is looked for
+        else:  # a dry run checks no GPU
+            slots = launchers.resolve_slots(options, strict=not options.dry_run)
         ctx = Context(options, slots)
         steps = make_steps(ctx)
         if options.status:

@@ -101,7 +101,7 @@ def score(zip_path: Path, ground_truth: Dict[str, Path], out_json: Path, num_pro
                 raise PipelineError(f"no ground truth for {f.name} of {zip_path}")
             os.rename(f, pred / ds.PREDICTION.name(case))
             os.symlink(Path(ground_truth[case]).absolute(), ref / ds.PREDICTION.name(case))
-        tmp_json = Path(tmp) / "summary.json"
+        tmp_json = Path(tmp) / ds.VALIDATION_SUMMARY
         compute_metrics_on_folder_simple(str(ref), str(pred), list(ds.CLASSES), str(tmp_json),
                                          num_processes=num_processes)
         write_text(tmp_json.read_text(), Path(out_json))
