@@ -466,7 +466,7 @@ def test_demo_seed_picks_the_phantom_and_its_own_work_folder(tmp_path):
     assert o.seed == 7 and o.work == tmp_path / "nnunet_demo_seed7"
     from nnunet_heart_ext.pipeline.steps import Context, Prepare
 
-    job = next(Prepare(Context(o)).waves(False, assume=True)).items[0]
+    job = next(Prepare(Context(o, ["cpu0"])).waves(False, assume=True)).items[0]
     assert job.argv[:2] == ["nnunet-heart", "phantom"] and job.argv[-2:] == ["--seed", "7"]
 
 
@@ -503,21 +503,23 @@ def test_demo_trains_a_fold_whose_validation_holds_every_label(tmp_path, seed):
 def test_gpu_slots_one_job_per_gpu_at_a_time(tmp_path):
     """The GPU path of the local launcher: each job sees only its own GPU (CUDA_VISIBLE_DEVICES),
     never two jobs on one GPU at once, and more jobs than GPUs queue for a free one."""
-    from nnunet_heart_ext.pipeline.local import LocalLauncher
+    from nnunet_heart_ext.pipeline.local import LocalLauncher, resolve_slots
     from nnunet_heart_ext.pipeline.options import parse
     from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
 
     o = parse(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cuda", "--gpus", "0,1"])
-    launcher = LocalLauncher(Context(o), strict=False)  # no GPU needed: the jobs only report what they see
+    ctx = Context(o, resolve_slots(o, strict=False))  # no GPU needed: the jobs only report what they see
+    launcher = LocalLauncher(ctx)
     assert launcher.slots == ["0", "1"]
-    o.logs.mkdir(parents=True)
+    logs = ctx.layout.logs
+    logs.mkdir(parents=True)
     code = "import os, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(0.6)"
-    jobs = [Job(f"job{i}", [sys.executable, "-c", code], o.logs / f"job{i}.log", slot=True) for i in range(5)]
+    jobs = [Job(f"job{i}", [sys.executable, "-c", code], logs / f"job{i}.log", slot=True) for i in range(5)]
     launcher.run_wave(Wave(jobs))
-    records = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (logs / "jobs.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(r["rc"] == 0 for r in records)
     for r in records:
-        assert f"gpu {r['slot']}" in (o.logs / f"{r['job']}.log").read_text()
+        assert f"gpu {r['slot']}" in (logs / f"{r['job']}.log").read_text()
     for slot in ("0", "1"):
         mine = sorted((r for r in records if r["slot"] == slot), key=lambda r: r["start"])
         assert mine and all(a["end"] <= b["start"] for a, b in zip(mine, mine[1:]))
@@ -544,19 +546,20 @@ STOP_SCRIPT = '''
 import signal, sys
 from pathlib import Path
 from nnunet_heart_ext.pipeline import _terminate
-from nnunet_heart_ext.pipeline.local import LocalLauncher
+from nnunet_heart_ext.pipeline.local import LocalLauncher, resolve_slots
 from nnunet_heart_ext.pipeline.options import parse
 from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
 
 work = Path(sys.argv[1])
 o = parse(["--src", str(work), "--work", str(work), "--device", "cpu", "--parallel", "2"])
-o.logs.mkdir(parents=True, exist_ok=True)
+ctx = Context(o, resolve_slots(o))
+ctx.layout.logs.mkdir(parents=True, exist_ok=True)
 signal.signal(signal.SIGTERM, _terminate)
 code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); " \\
        "print('up', flush=True); time.sleep(300)"
-jobs = [Job(f"job{i}", [sys.executable, "-c", code], o.logs / f"job{i}.log", slot=True) for i in range(3)]
+jobs = [Job(f"job{i}", [sys.executable, "-c", code], ctx.layout.logs / f"job{i}.log", slot=True) for i in range(3)]
 try:
-    LocalLauncher(Context(o)).run_wave(Wave(jobs))
+    LocalLauncher(ctx).run_wave(Wave(jobs))
 except KeyboardInterrupt:
     print("stopped", flush=True)
     sys.exit(130)
@@ -625,13 +628,14 @@ def test_a_log_that_cannot_be_written_does_not_hang_the_job(tmp_path, monkeypatc
 
     monkeypatch.setattr(terminal.LogWriter, "_write", disk_full)
     o = parse(["--src", str(tmp_path), "--work", str(tmp_path / "w"), "--device", "cpu"])
-    o.logs.mkdir(parents=True)
+    ctx = Context(o, local.resolve_slots(o))
+    ctx.layout.logs.mkdir(parents=True)
     code = "import sys; [sys.stdout.write('x' * 1000 + '\\n') for _ in range(2000)]"
-    job = Job("chatty", [sys.executable, "-c", code], o.logs / "chatty.log", slot=True)
+    job = Job("chatty", [sys.executable, "-c", code], ctx.layout.logs / "chatty.log", slot=True)
     started = time.time()
-    local.LocalLauncher(Context(o)).run_wave(Wave([job]))
+    local.LocalLauncher(ctx).run_wave(Wave([job]))
     assert time.time() - started < 60
-    (record,) = [json.loads(line) for line in (o.logs / "jobs.jsonl").read_text().splitlines()]
+    (record,) = [json.loads(line) for line in (ctx.layout.logs / "jobs.jsonl").read_text().splitlines()]
     assert record["rc"] == 0
 
 
@@ -694,11 +698,11 @@ def test_best_refuses_folds_whose_validation_lacks_a_label(tmp_path):
     from nnunet_heart_ext.pipeline.steps import Best, Context, labels_without_validation_dice
 
     o = parse(["--demo", "--folds", "0,1"], cwd=tmp_path)
-    best = Best(Context(o))
+    best = Best(Context(o, ["cpu0"]))
     nan = float("nan")
 
     def write(fold, per_case):
-        summary = best.ctx.fold_dir("3d_fullres", fold) / ds.VALIDATION_FOLDER / "summary.json"
+        summary = best.ctx.layout.fold_dir("3d_fullres", fold) / ds.VALIDATION_FOLDER / "summary.json"
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps({"metric_per_case": [
             {"metrics": {str(k): {"Dice": d} for k, d in zip((1, 2, 3), dices)}} for dices in per_case]}))

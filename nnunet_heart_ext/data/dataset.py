@@ -79,6 +79,8 @@ def fold_folder(fold: int) -> str:
 
 
 VALIDATION_FOLDER = "validation"
+VALIDATION_SUMMARY = "summary.json"  # nnU-Net's metrics of a fold's validation (also compute_metrics' output)
+MODEL_PLANS = "plans.json"  # the plans nnUNetv2_train copies into a model's results folder
 
 
 # ----------------------------------------------------------------------------- file names

@@ -3,8 +3,14 @@ with nnU-Net's official commands, resumable, here or on Slurm.
 
     option_table.py    each option stated once: flag, --help rows, HEART_* variable, defaults
     options.py         parsing them into Options (checks, --demo defaults), a Slurm job's command line
-    steps.py           each step: its official commands, and "done, or why not"
-    launchers.py       the Launcher interface, picking one, the dry run's command listing
+    layout.py          every path the pipeline reads or writes (work folder, nnU-Net's folders)
+    context.py         what the steps share: options, layout, slots, nnU-Net's environment
+    nnunet_outputs.py  readers of nnU-Net's JSON files (plans, splits, summary, inference information)
+    checks.py          what "done" means in files: Check, a fold's typed State, the file checks
+    steps/             each step: its official commands, "done, or why not", the steps it needs
+                       (base.py; data.py: prepare, plan; model.py: train, validate, best;
+                       inference.py: predict, postprocess, export, score)
+    launchers.py       the Launcher interface, the run's slots, picking one, the dry run's listing
     local.py           LocalLauncher: here (GPU slots, CPU parallel)
     slurm_launcher.py  SlurmLauncher: the steps as Slurm jobs (arrays, afterok, cancel, follow)
     slurm.py           the Slurm client (sbatch, squeue, sacct, ...; WORK/slurm/jobs.json)
@@ -34,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         options = parse(argv)
         if options is None:
             return 0  # --help
-        ctx = Context(options)
+        ctx = Context(options, launchers.slots(options))
         steps = make_steps(ctx)
         if options.status:
             jobs = launchers.queued_jobs_by_step(ctx)

@@ -3,8 +3,8 @@ dry run's listing of official commands that both launchers print.
 
 The two: `local.LocalLauncher` (here: GPU slots, CPU parallel) and
 `slurm_launcher.SlurmLauncher` (Slurm jobs, with `slurm.py` the client that calls Slurm).
-A launcher is made for one pipeline run (its `Context`) and sets `ctx.slots`, what the steps
-split their slot jobs over (prediction parts): GPUs or CPU slots here, one per job on Slurm.
+`slots(options)` is what the steps split their slot jobs over (prediction parts): GPUs or CPU
+slots here, one per job on Slurm; the `Context` is built with them, before a launcher is made.
 """
 import abc
 from typing import Dict, List, Optional
@@ -25,15 +25,27 @@ class Launcher(abc.ABC):
         """Print what `run` would run from the current state; run and write nothing."""
 
 
+def slots(o: Options) -> List[str]:
+    """The slots of this run: on Slurm one per job ("gpu", or cpu0..N-1 with --device cpu); here
+    `local.resolve_slots` (GPUs checked, except in a dry run); none for --status (no GPU looked for)."""
+    if o.launcher == "slurm":
+        return ["gpu"] if o.device == "cuda" else [f"cpu{i}" for i in range(o.parallel)]
+    if o.status:
+        return []
+    from nnunet_heart_ext.pipeline.local import resolve_slots
+
+    return resolve_slots(o, strict=not o.dry_run)
+
+
 def pick(ctx: Context) -> Launcher:
-    """The launcher `--launcher` names (the local one checks the GPUs, except in a dry run)."""
+    """The launcher `--launcher` names."""
     if ctx.o.launcher == "slurm":
         from nnunet_heart_ext.pipeline.slurm_launcher import SlurmLauncher
 
         return SlurmLauncher(ctx)
     from nnunet_heart_ext.pipeline.local import LocalLauncher
 
-    return LocalLauncher(ctx, strict=not ctx.o.dry_run)
+    return LocalLauncher(ctx)
 
 
 def queued_jobs_by_step(ctx: Context) -> Optional[Dict[str, List[str]]]:

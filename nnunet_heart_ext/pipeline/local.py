@@ -61,10 +61,9 @@ def check_commands() -> None:
 class LocalLauncher(Launcher):
     """Runs the steps here, on `resolve_slots`' slots (strict=False: a dry run, no GPU check)."""
 
-    def __init__(self, ctx: Context, strict: bool = True):
+    def __init__(self, ctx: Context):
         self.ctx, self.o = ctx, ctx.o
-        self.slots = resolve_slots(ctx.o, strict)
-        ctx.slots = self.slots
+        self.slots = ctx.slots
 
     # ------------------------------------------------------------------ whole pipeline
     def run(self, steps: List[Step]) -> int:
@@ -74,7 +73,7 @@ class LocalLauncher(Launcher):
              f"{','.join(map(str, o.folds))}   configs: {','.join(o.configs)}")
         note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}")
         note(f"nnUNet_raw={o.raw} nnUNet_preprocessed={o.preprocessed} nnUNet_results={o.results}")
-        o.logs.mkdir(parents=True, exist_ok=True)
+        self.ctx.layout.logs.mkdir(parents=True, exist_ok=True)
         timings: Dict[str, Tuple[float, str]] = {}
         for step in steps:
             if not o.wanted(step.name):
@@ -131,7 +130,7 @@ class LocalLauncher(Launcher):
         return processes.start(job, slot, env)
 
     def _stop(self, running: Dict[str, Running]):
-        processes.stop(running, self.o.logs)
+        processes.stop(running, self.ctx.layout.job_records)
 
     def _schedule(self, jobs: List[Job], slots: List[Optional[str]]):
         queue, free = list(jobs), list(slots)
@@ -147,7 +146,7 @@ class LocalLauncher(Launcher):
                     rc = r.proc.poll()
                     if rc is None:
                         continue
-                    r.finish(self.o.logs, rc)
+                    r.finish(self.ctx.layout.job_records, rc)
                     del running[name]
                     free.append(r.slot)
                     if rc != 0:

@@ -90,23 +90,7 @@ class Options:
     status: bool = False
     json: bool = False
 
-    # ------------------------------------------------------------------ derived
-    @property
-    def logs(self) -> Path:
-        return self.work / LOGS
-
-    @property
-    def predictions(self) -> Path:
-        return self.work / PREDICTIONS
-
-    @property
-    def slurm_dir(self) -> Path:
-        return self.work / SLURM
-
-    @property
-    def test_dice(self) -> Path:
-        return self.work / TEST_DICE
-
+    # ------------------------------------------------------------------ derived (paths: layout.py)
     def steps(self) -> List[str]:
         """The steps of this pipeline, in order (score only in the demo)."""
         return [s for s in STEPS if s != "score" or self.demo]

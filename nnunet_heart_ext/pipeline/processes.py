@@ -79,12 +79,12 @@ class Running:
     thread: threading.Thread
     start: float
 
-    def finish(self, logs: Path, rc: int):
+    def finish(self, records: Path, rc: int):
         self.thread.join(timeout=30)
         self.writer.close()
         record = dict(job=self.job.name, slot=self.slot, start=self.start, end=time.time(), rc=rc, pid=self.proc.pid,
                       command=self.job.command)
-        with open(logs / "jobs.jsonl", "a") as f:
+        with open(records, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -107,8 +107,8 @@ def start(job: Job, slot: Optional[str], env: Dict[str, str]) -> Running:
     return Running(job, slot, proc, writer, thread, time.time())
 
 
-def stop(running: Dict[str, Running], logs: Path):
-    """Stop the running jobs and their process trees; each job's record goes to `logs`/jobs.jsonl."""
+def stop(running: Dict[str, Running], records: Path):
+    """Stop the running jobs and their process trees; each job's record is appended to `records`."""
     trees = {name: process_tree(r.proc.pid) for name, r in running.items()}
     for pids in trees.values():
         _signal_all(pids, signal.SIGTERM)
@@ -120,5 +120,5 @@ def stop(running: Dict[str, Running], logs: Path):
             pass
         _signal_all([p for p in trees[name] if os.path.exists(f"/proc/{p}")], signal.SIGKILL)
         r.proc.wait()
-        r.finish(logs, r.proc.returncode)
+        r.finish(records, r.proc.returncode)
     running.clear()

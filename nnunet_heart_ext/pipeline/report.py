@@ -1,8 +1,8 @@
 """What the pipeline tells the user: each step's state (--status, --status --json), the Dice
 tables (validation per fold, the demo's test score) and the closing summary.
 
-Everything here reads files that nnU-Net's own commands wrote; scoring uses nnU-Net's own
-`compute_metrics_on_folder_simple`.
+Everything here reads files that nnU-Net's own commands wrote (through nnunet_outputs.py, at the
+paths of layout.py); scoring uses nnU-Net's own `compute_metrics_on_folder_simple`.
 """
 import json
 import os
@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.data.io import write_text
+from nnunet_heart_ext.pipeline import nnunet_outputs
+from nnunet_heart_ext.pipeline.layout import Layout
 
 
 # ----------------------------------------------------------------------------- status
@@ -48,9 +50,8 @@ def status(steps, as_json: bool = False, jobs: Optional[Dict[str, List[str]]] = 
 
 # ----------------------------------------------------------------------------- Dice tables
 def _dice_row(summary_file: Path) -> list:
-    summary = json.loads(Path(summary_file).read_text())
-    return [summary["mean"].get(str(k), {}).get("Dice", float("nan")) for k in ds.CLASSES] + \
-        [summary["foreground_mean"]["Dice"]]
+    per_class, mean = nnunet_outputs.dice_per_class(Path(summary_file))
+    return [per_class[k] for k in ds.CLASSES] + [mean]
 
 
 def _table(rows: list) -> str:
@@ -61,16 +62,17 @@ def _table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def validation_summary(model_dirs: List[Path], folds: List[int]) -> str:
+def validation_summary(layout: Layout, configs: List[str], folds: List[int]) -> str:
     """Validation Dice per class and fold (from each fold's validation/summary.json)."""
     parts = []
-    for model_dir in model_dirs:
+    for config in configs:
         rows = []
         for f in folds:
-            s = model_dir / ds.fold_folder(f) / ds.VALIDATION_FOLDER / "summary.json"
+            s = layout.validation_summary(config, f)
             if s.is_file():
                 rows.append((f"fold {f}", _dice_row(s)))
-        parts.append(f"validation Dice, {model_dir.name}:\n" + (_table(rows) if rows else "  (no validation results)"))
+        parts.append(f"validation Dice, {layout.model_dir(config).name}:\n"
+                     + (_table(rows) if rows else "  (no validation results)"))
     return "\n".join(parts)
 
 
@@ -99,12 +101,12 @@ def score(zip_path: Path, ground_truth: Dict[str, Path], out_json: Path, num_pro
                 raise PipelineError(f"no ground truth for {f.name} of {zip_path}")
             os.rename(f, pred / ds.PREDICTION.name(case))
             os.symlink(Path(ground_truth[case]).absolute(), ref / ds.PREDICTION.name(case))
-        tmp_json = Path(tmp) / "summary.json"
+        tmp_json = Path(tmp) / ds.VALIDATION_SUMMARY
         compute_metrics_on_folder_simple(str(ref), str(pred), list(ds.CLASSES), str(tmp_json),
                                          num_processes=num_processes)
         write_text(tmp_json.read_text(), Path(out_json))
     print(dice_table(Path(out_json)), flush=True)
-    return json.loads(Path(out_json).read_text())
+    return nnunet_outputs.read_summary(Path(out_json))
 
 
 # ----------------------------------------------------------------------------- closing summary
@@ -113,11 +115,11 @@ def summary(ctx, timings: Dict[str, tuple]) -> str:
     lines = ["", "================ summary ================", f"{'step':<12} {'seconds':>10}  state"]
     for name, (seconds, state) in timings.items():
         lines.append(f"{name:<12} {seconds:>10.0f}  {state}")
-    model_dirs = [ctx.model_dir(c) for c in ctx.o.configs]
-    lines += ["", validation_summary(model_dirs, ctx.o.folds)]
-    if ctx.o.demo and ctx.o.test_dice.is_file():
-        lines += ["", dice_table(ctx.o.test_dice)]
-    if ctx.o.out.is_file():
-        lines += ["", f"submission: {ctx.o.out}"]
+    layout = ctx.layout
+    lines += ["", validation_summary(layout, ctx.o.configs, ctx.o.folds)]
+    if ctx.o.demo and layout.test_dice.is_file():
+        lines += ["", dice_table(layout.test_dice)]
+    if layout.submission.is_file():
+        lines += ["", f"submission: {layout.submission}"]
     return "\n".join(lines)
 

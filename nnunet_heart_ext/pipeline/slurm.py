@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from nnunet_heart_ext.pipeline.layout import Layout
 from nnunet_heart_ext.pipeline.options import Options, PipelineError
 from nnunet_heart_ext.pipeline.terminal import note
 
@@ -46,9 +47,9 @@ def _slurm(*argv, check=True) -> subprocess.CompletedProcess:
 class Slurm:
     """This user's Slurm queue, and the record of this work folder's submissions."""
 
-    def __init__(self, o: Options):
-        self.o = o
-        self.record_file = self.o.slurm_dir / "jobs.json"
+    def __init__(self, o: Options, layout: Layout):
+        self.o, self.layout = o, layout
+        self.record_file = layout.slurm_records
 
     def records(self) -> List[dict]:
         if not self.record_file.is_file():
@@ -97,7 +98,7 @@ class Slurm:
         _slurm("scancel", *jobs, check=False)
 
     def script(self, unit: Unit, commands: List[List[str]], stamp: str) -> Path:
-        path = self.o.slurm_dir / "scripts" / f"{unit.name}-{stamp}.sh"
+        path = self.layout.slurm_scripts / f"{unit.name}-{stamp}.sh"
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = ["#!/usr/bin/env bash", f"# nnunet-heart pipeline, Slurm job '{unit.name}': {', '.join(unit.steps)}",
                  "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
@@ -115,7 +116,7 @@ class Slurm:
 
     def sbatch(self, unit: Unit, commands: List[List[str]], after: List[str], dry: bool) -> Tuple[str, List[str]]:
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-        logs = self.o.logs / "slurm"
+        logs = self.layout.slurm_logs
         argv = ["sbatch", "--parsable", f"--job-name=heart-{unit.name}",
                 f"--output={logs / (unit.name + ('-%A_%a.log' if unit.array else '-%j.log'))}"]
         if unit.array:
@@ -139,4 +140,4 @@ class Slurm:
         return job, ids
 
     def log_of(self, unit: str, job: str) -> Path:
-        return self.o.logs / "slurm" / f"{unit}-{job}.log"
+        return self.layout.slurm_logs / f"{unit}-{job}.log"

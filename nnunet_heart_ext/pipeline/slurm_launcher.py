@@ -32,9 +32,8 @@ class SlurmLauncher(Launcher):
 
     def __init__(self, ctx: Context):
         self.ctx, self.o = ctx, ctx.o
-        self.slurm = Slurm(self.o)
+        self.slurm = Slurm(self.o, ctx.layout)
         self.poll = float(os.environ.get("HEART_SLURM_POLL", "15"))
-        ctx.slots = ["gpu"] if self.o.device == "cuda" else [f"cpu{i}" for i in range(self.o.parallel)]
 
     # ------------------------------------------------------------------ what is done
     def units(self) -> List[Unit]:
@@ -187,7 +186,7 @@ class SlurmLauncher(Launcher):
              f"configs: {','.join(o.configs)}")
         note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}   sbatch extra: "
              f"{shlex.join(o.slurm_args) or '(none)'}")
-        o.logs.mkdir(parents=True, exist_ok=True)
+        self.ctx.layout.logs.mkdir(parents=True, exist_ok=True)
         jobs = self.submit(by_name)
         if not jobs:
             note("nothing to submit: every step is done")
@@ -196,7 +195,7 @@ class SlurmLauncher(Launcher):
         if not o.wait:
             ids = ",".join(r["job"] for r in jobs)
             print(f"\nsubmitted or queued: {ids}\nfollow them with:\n  squeue --me -j {ids}\n"
-                  f"  tail -f {o.logs / 'slurm'}/*.log\n"
+                  f"  tail -f {self.ctx.layout.slurm_logs}/*.log\n"
                   f"  the same command with --status (each step, done or not) or --wait (follow to the end; "
                   f"submits nothing twice)", flush=True)
             return 0

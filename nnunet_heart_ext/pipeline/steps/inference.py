@@ -1,0 +1,241 @@
+"""The inference steps: predict (the chosen model, or the chosen models' ensemble, on the test
+images), postprocess (the chosen postprocessing), export (predict.zip) and score (the demo's
+Dice against its ground truth).
+
+The module functions say what the predict and postprocess steps' outputs are; the later steps
+ask them (and the layout) instead of constructing those steps.
+"""
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.pipeline import nnunet_outputs
+from nnunet_heart_ext.pipeline.checks import Check, first_problem, mtime, newest, segmentation_problem
+from nnunet_heart_ext.pipeline.context import Context
+from nnunet_heart_ext.pipeline.layout import Layout
+from nnunet_heart_ext.pipeline.options import PipelineError
+from nnunet_heart_ext.pipeline.steps.base import Action, Job, NotReady, Step, Wave
+
+
+def chosen_models(layout: Layout) -> List[dict]:
+    """What find_best_configuration chose: trainer, plans_identifier, configuration per model."""
+    return nnunet_outputs.read_inference_information(layout.inference_information).selected
+
+
+def models_to_predict(ctx: Context, assume: bool = False) -> List[dict]:
+    """The chosen models; with `assume` (a dry run before the best step), every configuration."""
+    if ctx.layout.inference_information.is_file():
+        return chosen_models(ctx.layout)
+    if assume:
+        return [dict(trainer=ctx.o.trainer, plans_identifier=ctx.o.plans, configuration=c) for c in ctx.o.configs]
+    raise NotReady(f"{ctx.layout.inference_information} missing: run the best step first")
+
+
+def test_cases(layout: Layout) -> Dict[str, Path]:
+    cases = layout.raw.test_cases()
+    if not cases:
+        raise PipelineError(f"no test images ({ds.RAW_IMAGE.example}) in {layout.raw.images_ts}: the organizer "
+                            f"folder has no test folder ({', '.join(ds.TEST_IMAGE_DIRS)}); name it with --test-dir")
+    return cases
+
+
+def model_problems(layout: Layout, model: dict) -> Dict[str, str]:
+    """The test cases whose prediction by `model` is missing, cut short, or older than the model
+    choice or the image."""
+    d = layout.prediction_dir(model)
+    chosen_at = mtime(layout.inference_information)
+    return {case: p for case, image in test_cases(layout).items()
+            for p in [segmentation_problem(d / ds.PREDICTION.name(case), max(chosen_at, mtime(image)))] if p}
+
+
+def ensemble_problems(layout: Layout) -> Dict[str, str]:
+    chosen_at = mtime(layout.inference_information)
+    return {case: p for case, image in test_cases(layout).items()
+            for p in [segmentation_problem(layout.ensemble_dir / ds.PREDICTION.name(case),
+                                           max(chosen_at, mtime(image)))] if p}
+
+
+def prediction_problems(layout: Layout, models: List[dict]) -> Dict[str, str]:
+    """The test cases whose final prediction (the ensemble's when several models were chosen) is
+    not finished: the predict step's outputs."""
+    return ensemble_problems(layout) if len(models) > 1 else model_problems(layout, models[0])
+
+
+def postprocessed_problems(layout: Layout) -> Dict[str, str]:
+    """The test cases whose postprocessed segmentation is not finished or older than the prediction
+    it came from: the postprocess step's outputs."""
+    final = layout.final_predictions(chosen_models(layout))
+    return {case: p for case in test_cases(layout)
+            for p in [segmentation_problem(layout.postprocessed / ds.PREDICTION.name(case),
+                                           newest([final / ds.PREDICTION.name(case)]))] if p}
+
+
+class Predict(Step):
+    name = "predict"
+    needs = ("prepare", "train", "best")  # the test images, the trained models, the choice among them
+
+    def models(self, assume: bool = False) -> List[dict]:
+        return models_to_predict(self.ctx, assume)
+
+    def check(self) -> Check:
+        if not self.layout.inference_information.is_file():
+            return Check(False, f"{self.layout.inference_information} is missing (best first)")
+        models = self.models()
+        n = len(test_cases(self.layout))
+        final = self.layout.final_predictions(models)
+        problems = prediction_problems(self.layout, models)
+        if problems:
+            return Check(False, first_problem(problems, n, final))
+        return Check(True, f"{n} test case(s) in {final}")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        models = self.models(assume)
+        chosen = self.layout.inference_information.is_file()
+        if len(models) == 1 or not chosen:  # before the best step (a dry run): every configuration's command
+            for m in models:
+                if forced or not chosen or model_problems(self.layout, m):
+                    yield self._model_wave(m, forced, "" if chosen else "# the model nnUNetv2_find_best_configuration "
+                                                                         "picks; shown: every configuration")
+        if len(models) > 1 and (forced or not chosen or ensemble_problems(self.layout)):
+            yield self._ensemble_wave(models, forced, "" if chosen else "# only if the best is an ensemble")
+
+    def _tail(self) -> List[str]:
+        return ["-f", *map(str, self.o.folds), "-chk", self.o.checkpoint, "-device", self.o.device]
+
+    def _model_wave(self, m: dict, forced: bool, comment: str) -> Wave:
+        parts = max(1, len(self.ctx.slots))
+        out = self.layout.prediction_dir(m)
+        jobs = [Job(f"predict_{m['configuration']}_part{i}", [
+            "nnUNetv2_predict", "-i", str(self.layout.raw.images_ts), "-o", str(out),
+            "-d", str(ds.DATASET_ID), "-tr", m["trainer"], "-p", m["plans_identifier"], "-c", m["configuration"],
+            *self._tail(), *(["-npp", self.ctx.n_proc, "-nps", self.ctx.n_proc] if self.ctx.n_proc else []),
+            "--continue_prediction", "--disable_progress_bar", "-num_parts", str(parts), "-part_id", str(i),
+            *(["--disable_tta"] if self.o.no_tta else [])],
+            self.layout.log(f"predict_{m['configuration']}_part{i}"), slot=True) for i in range(parts)]
+
+        def before():
+            # cut-short, stale or (forced) all outputs go, so that --continue_prediction redoes them
+            if forced:
+                shutil.rmtree(out, ignore_errors=True)
+                return
+            for case in model_problems(self.layout, m):
+                (out / ds.PREDICTION.name(case)).unlink(missing_ok=True)
+
+        return Wave(jobs, before=before, comment=comment)
+
+    def _ensemble_wave(self, models: List[dict], forced: bool, comment: str) -> Wave:
+        """The models' probabilities averaged in one process per part (on its GPU), no .npz files."""
+        parts = max(1, len(self.ctx.slots))
+        out = self.layout.ensemble_dir
+        folders = [str(self.layout.model_dir(m["configuration"], m["trainer"], m["plans_identifier"]))
+                   for m in models]
+        jobs = [Job(f"predict_ensemble_part{i}", [
+            "nnunet-heart", "predict-ensemble", "-i", str(self.layout.raw.images_ts), "-o", str(out),
+            "-m", *folders, *self._tail(), "--continue_prediction", "-num_parts", str(parts), "-part_id", str(i),
+            *(["--disable_tta"] if self.o.no_tta else [])],
+            self.layout.log(f"predict_ensemble_part{i}"), slot=True) for i in range(parts)]
+
+        def before():
+            if forced:
+                shutil.rmtree(out, ignore_errors=True)
+                return
+            for case in ensemble_problems(self.layout):
+                (out / ds.PREDICTION.name(case)).unlink(missing_ok=True)
+
+        return Wave(jobs, before=before, comment=comment)
+
+
+class Postprocess(Step):
+    name = "postprocess"
+    needs = ("best", "predict")  # the chosen postprocessing; the final predictions
+
+    def check(self) -> Check:
+        if not self.layout.inference_information.is_file():
+            return Check(False, f"{self.layout.inference_information} is missing (best first)")
+        problems = postprocessed_problems(self.layout)
+        if problems:
+            return Check(False, first_problem(problems, len(test_cases(self.layout)), self.layout.postprocessed))
+        return Check(True, f"{self.layout.postprocessed}")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        out = self.layout.postprocessed
+        if self.layout.inference_information.is_file():
+            info = nnunet_outputs.read_inference_information(self.layout.inference_information)
+            final = self.layout.final_predictions(info.selected)
+            pkl, plans = str(info.postprocessing_file), str(info.some_plans_file)
+            if not assume and prediction_problems(self.layout, info.selected):
+                raise NotReady(f"predictions incomplete in {final}: run the predict step first")
+            dataset_json = str(info.some_plans_file.parent / ds.DATASET_JSON)
+        else:  # a dry run before the best step
+            final = self.layout.final_predictions(models_to_predict(self.ctx, assume))
+            pkl, plans, dataset_json = ("<postprocessing.pkl of the best>", "<plans.json of the best>",
+                                        "<dataset.json beside it>")
+        yield Wave([Job("postprocess", ["nnUNetv2_apply_postprocessing", "-i", str(final), "-o", str(out),
+                                        "-pp_pkl_file", pkl, "-np", self.ctx.n_proc_or_default, "-plans_json", plans,
+                                        "-dataset_json", dataset_json],
+                        self.layout.log("postprocess"))],
+                   before=lambda: shutil.rmtree(out, ignore_errors=True))
+
+
+class Export(Step):
+    name = "export"
+    needs = ("prepare", "postprocess")  # the test images (their headers); the postprocessed predictions
+
+    def check(self) -> Check:
+        pp, out = self.layout.postprocessed, self.layout.submission
+        if not out.is_file():
+            return Check(False, f"{out} is missing")
+        cases = sorted(ds.cases_in(pp, ds.PREDICTION))
+        try:
+            with zipfile.ZipFile(out) as z:
+                names = sorted(z.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return Check(False, f"{out} is not a readable zip")
+        if names != sorted(ds.SUBMISSION.name(c) for c in cases):
+            return Check(False, f"{out} does not hold exactly the {len(cases)} predictions of {pp}")
+        if mtime(out) < newest(pp / ds.PREDICTION.name(c) for c in cases):
+            return Check(False, f"{out} is older than the predictions")
+        return Check(True, f"{out}: {len(cases)} case(s)")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        pp = self.layout.postprocessed
+        if not assume and (not self.layout.inference_information.is_file() or postprocessed_problems(self.layout)):
+            raise NotReady(f"postprocessed predictions incomplete in {pp}: run the postprocess step first")
+        yield Wave([Job("export", ["nnunet-heart", "export", "--pred", str(pp), "--images",
+                                   str(self.layout.raw.images_ts), "--out", str(self.layout.submission)],
+                        self.layout.log("export"))])
+
+
+class Score(Step):
+    name = "score"
+    needs = ("export",)  # predict.zip (the ground truth is the organizer folder's)
+
+    def ground_truth(self) -> Dict[str, Path]:
+        files = ds.find_organizer_files(self.layout.src, self.layout.test_dir)
+        if not files.test_labels:
+            raise PipelineError(f"no test ground truth ({ds.ORGANIZER_LABEL.example}) in {self.layout.src} "
+                                f"({', '.join(ds.TEST_LABEL_DIRS)}) or beside its test images")
+        return files.test_labels
+
+    def check(self) -> Check:
+        out, submission = self.layout.test_dice, self.layout.submission
+        if not out.is_file():
+            return Check(False, f"{out} is missing")
+        if not submission.is_file() or mtime(out) < mtime(submission):
+            return Check(False, f"{out} is older than {submission}")
+        return Check(True, f"{out}")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        from nnunet_heart_ext.pipeline import report
+
+        submission, out = self.layout.submission, self.layout.test_dice
+        if not assume and not submission.is_file():
+            raise NotReady(f"{submission} missing: run the export step first")
+
+        def run():
+            report.score(submission, self.ground_truth(), out, int(self.ctx.n_proc_or_default))
+
+        yield Wave([Action("score", f"Dice per class of {submission} against the test ground truth "
+                                    f"(nnU-Net's compute_metrics_on_folder_simple) -> {out}", run)])

@@ -1,0 +1,222 @@
+"""The model steps: train (nnUNetv2_train per configuration and fold), validate (its --val) and
+best (nnUNetv2_find_best_configuration). A fold's state is typed (`checks.State`): the steps and
+the Slurm launcher branch on its kind, the user reads its reason."""
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.pipeline import nnunet_outputs
+from nnunet_heart_ext.pipeline.checks import Check, Kind, State, first_problem, mtime, newest, npz_problem, \
+    segmentation_problem
+from nnunet_heart_ext.pipeline.options import PipelineError
+from nnunet_heart_ext.pipeline.steps.base import Job, NotReady, Step, Wave
+
+
+def checkpoint_loads(path: Path) -> Optional[str]:
+    """None if torch can load the checkpoint (one cut short while being saved cannot be continued)."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (any failure to load means: not usable)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class Train(Step):
+    name = "train"
+    needs = ("plan",)
+
+    def _plans_match(self, config: str) -> bool:
+        """The model was trained with the current plans (nnUNetv2_train copies them beside its folds)."""
+        trained, current = self.layout.trained_plans(config), self.layout.plans_file
+        if not trained.is_file() or not current.is_file():
+            return True  # nothing to compare with
+        return nnunet_outputs.read_plans(trained) == nnunet_outputs.read_plans(current)
+
+    def fold_state(self, config: str, fold: int) -> State:
+        d = self.layout.fold_dir(config, fold)
+        final = self.layout.checkpoint(config, fold)
+        if final.is_file():
+            if not self._plans_match(config):
+                return State(Kind.OTHER_PLANS, f"{final} was trained with other plans than {self.layout.plans_file}")
+            return State(Kind.DONE, "trained")
+        present = [c for c in ds.CHECKPOINTS[1:] if (d / c).is_file()]
+        if present:
+            return State(Kind.RESUMABLE, f"{present[0]} (will continue)")
+        return State(Kind.NOT_STARTED, "not started")
+
+    def todo(self) -> List[tuple]:
+        return [(c, f) for c in self.o.configs for f in self.o.folds if not self.fold_state(c, f).done]
+
+    def check(self) -> Check:
+        if not self.layout.plans_file.is_file():
+            return Check(False, f"{self.layout.plans_file} is missing (plan first)")
+        todo = {f"{c} fold {f}": self.fold_state(c, f).reason for c, f in self.todo()}
+        if todo:
+            return Check(False, "; ".join(f"{k}: {v}" for k, v in todo.items()))
+        return Check(True, f"{len(self.o.configs) * len(self.o.folds)} fold(s) trained")
+
+    def job(self, config: str, fold: int, fresh: bool = False) -> Job:
+        d = self.layout.fold_dir(config, fold)
+        cont = not fresh and any((d / c).is_file() for c in ds.CHECKPOINTS)
+        argv = ["nnUNetv2_train", str(ds.DATASET_ID), config, str(fold), "-tr", self.o.trainer, "-p", self.o.plans,
+                "--npz", "-device", self.o.device] + (["--c"] if cont else [])
+        note = "" if not cont else "continuing from checkpoint_latest.pth" if (d / ds.CHECKPOINTS[1]).is_file() \
+            else "continuing from its last checkpoint"
+        return Job(f"train_{config}_fold{fold}", argv, self.layout.log(f"train_{config}_fold{fold}"), slot=True,
+                   note=note)
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        if not assume and not self.layout.plans_file.is_file():
+            raise NotReady(f"{self.layout.plans_file} missing: run the plan step first")
+        todo = [(c, f) for c in self.o.configs for f in self.o.folds] if forced else self.todo()
+        for c, f in todo:
+            state = self.fold_state(c, f)
+            if not forced and state.kind is Kind.OTHER_PLANS:
+                raise PipelineError(f"{state.reason}: the data or plans changed since it was trained. Retrain "
+                                    f"with --force train (this deletes the trained folds), or restore the plans")
+        if not todo:
+            return
+
+        def before():
+            for c, f in todo:
+                d = self.layout.fold_dir(c, f)
+                if forced:
+                    shutil.rmtree(d, ignore_errors=True)
+                latest = d / ds.CHECKPOINTS[1]
+                if latest.is_file():
+                    problem = checkpoint_loads(latest)
+                    if problem:  # cut short while saving: nnU-Net's --c then falls back to checkpoint_best.pth
+                        print(f"  {latest} cannot be loaded ({problem}); set aside as .broken", flush=True)
+                        os.replace(latest, latest.with_name(latest.name + ".broken"))
+
+        yield Wave([self.job(c, f, fresh=forced) for c, f in todo], before=before)
+
+
+class Validate(Step):
+    name = "validate"
+    needs = ("plan", "train")  # splits_final.json; the fold's final checkpoint
+
+    def fold_check(self, config: str, fold: int) -> State:
+        final = self.layout.checkpoint(config, fold)
+        validation = self.layout.validation_dir(config, fold)
+        summary = self.layout.validation_summary(config, fold)
+        if not final.is_file():
+            return State(Kind.NOT_TRAINED, "not trained yet (training validates at its end)")
+        if not summary.is_file():
+            return State(Kind.MISSING, f"{summary} is missing")
+        if mtime(summary) < mtime(final):
+            return State(Kind.STALE, f"{summary} is older than the fold's {ds.CHECKPOINTS[0]}")
+        splits_file = self.layout.splits_file
+        if not splits_file.is_file():
+            return State(Kind.MISSING, f"{splits_file} is missing")
+        val_cases = nnunet_outputs.validation_cases(splits_file, fold)
+        problems = {}
+        for case in val_cases:
+            p = segmentation_problem(validation / ds.PREDICTION.name(case)) or \
+                npz_problem(validation / ds.PROBABILITIES.name(case))
+            if p:
+                problems[case] = p
+        if problems:
+            return State(Kind.INCOMPLETE, first_problem(problems, len(val_cases), validation))
+        return State(Kind.DONE, "validated")
+
+    def check(self) -> Check:
+        todo = {f"{c} fold {f}": r.reason for c in self.o.configs for f in self.o.folds
+                for r in [self.fold_check(c, f)] if not r.done}
+        if todo:
+            return Check(False, "; ".join(f"{k}: {v}" for k, v in todo.items()))
+        return Check(True, f"{len(self.o.configs) * len(self.o.folds)} fold(s) validated")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        jobs, untrained = [], []
+        for c in self.o.configs:
+            for f in self.o.folds:
+                if not self.layout.checkpoint(c, f).is_file():
+                    untrained.append(f"{c} fold {f}")
+                    continue
+                if forced or not self.fold_check(c, f).done:
+                    jobs.append(Job(f"validate_{c}_fold{f}", ["nnUNetv2_train", str(ds.DATASET_ID), c, str(f), "-tr",
+                                                              self.o.trainer, "-p", self.o.plans, "--val", "--npz",
+                                                              "-device", self.o.device],
+                                    self.layout.log(f"validate_{c}_fold{f}"), slot=True))
+        if untrained and not assume:
+            raise NotReady(f"{', '.join(untrained)} not trained ({ds.CHECKPOINTS[0]} missing): run the train step "
+                           f"first (it validates each fold at its end)")
+        if jobs or untrained:
+            yield Wave(jobs, comment=f"# {', '.join(untrained)}: validated by nnUNetv2_train at the end of training"
+                       if untrained else "")
+
+
+def labels_without_validation_dice(summaries: List[Path]) -> List[str]:
+    """Foreground labels that have no Dice in any case of these validation summaries (nnU-Net's
+    summary.json: a case where neither the reference nor the prediction holds the label gives NaN).
+    nnUNetv2_find_best_configuration ranks by the mean over the labels of their mean over the cases;
+    such a label makes it NaN, and the command then fails with IndexError."""
+    scored: Dict[str, bool] = {}
+    for summary in summaries:
+        for case in nnunet_outputs.metric_per_case(summary):
+            for label, metrics in case.items():
+                dice = metrics.get("Dice")
+                scored[label] = scored.get(label, False) or (dice is not None and dice == dice)
+    names = []
+    for label, ok in scored.items():
+        if not ok:
+            names.append(f"{label} ({ds.CLASSES[int(label)]})" if label.isdigit() and int(label) in ds.CLASSES
+                         else label)
+    return names
+
+
+class Best(Step):
+    name = "best"
+    needs = ("validate",)  # every fold's validation summary
+
+    def model_dirs(self) -> List[Path]:
+        return [self.layout.model_dir(c) for c in self.o.configs]
+
+    def summaries(self) -> List[Path]:
+        return [self.layout.validation_summary(c, f) for c in self.o.configs for f in self.o.folds]
+
+    def check(self) -> Check:
+        info_file = self.layout.inference_information
+        if not info_file.is_file():
+            return Check(False, f"{info_file} is missing")
+        info = nnunet_outputs.read_inference_information(info_file)
+        considered = sorted(info.considered)
+        if considered != sorted(d.name for d in self.model_dirs()):
+            return Check(False, f"{info_file} compared other models: {', '.join(considered)}")
+        if info.folds != list(self.o.folds):
+            return Check(False, f"{info_file} used folds {info.folds}")
+        if not info.postprocessing_file.is_file():
+            return Check(False, f"{info.postprocessing_file} is missing")
+        if mtime(info_file) < newest(self.summaries()):
+            return Check(False, f"{info_file} is older than a fold's validation")
+        return Check(True, "best: " + " + ".join(m["configuration"] for m in info.selected))
+
+    def check_labels(self) -> None:
+        """Fail before nnUNetv2_find_best_configuration does (a bare IndexError) when a label is in
+        no validation case of the folds, naming the label and what to do."""
+        missing = labels_without_validation_dice([p for p in self.summaries() if p.is_file()])
+        if missing:
+            folds = ",".join(map(str, self.o.folds))
+            raise PipelineError(
+                f"label {', '.join(missing)} is in no validation case of fold(s) {folds} (neither reference nor "
+                f"prediction), so its mean Dice is NaN and nnUNetv2_find_best_configuration would fail "
+                f"(IndexError). Use --folds with a fold whose validation cases hold it "
+                f"({self.layout.splits_file} lists each fold's validation cases)")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        if not assume:
+            self.check_labels()
+        yield Wave([Job("best", ["nnUNetv2_find_best_configuration", str(ds.DATASET_ID), "-c", *self.o.configs,
+                                 "-tr", self.o.trainer, "-p", self.o.plans, "-f", *map(str, self.o.folds),
+                                 "-np", self.ctx.n_proc_or_default], self.layout.log("best"))])
+
+    def after(self) -> None:
+        info = nnunet_outputs.read_inference_information(self.layout.inference_information)
+        for name, value in info.all_results.items():
+            print(f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}")
+        print("  chosen: " + " + ".join(m["configuration"] for m in info.selected), flush=True)
