@@ -103,6 +103,9 @@ class HeartTrainer(nnUNetTrainer):
             if self.foreground_class_weights is not None:
                 self.print_to_log_file("HeartTrainer: foreground_class_weights need HeartTrainer's loader; "
                                        "nnU-Net's loader draws cases and classes uniformly")
+            if self.deep_supervision_keep_labels:
+                self.print_to_log_file("HeartTrainer: deep_supervision_keep_labels need the device augmentation; "
+                                       "nnU-Net's transforms take the coarse targets nearest-exact")
             return super().get_dataloaders()
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
