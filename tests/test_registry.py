@@ -113,7 +113,7 @@ def test_every_registered_name_is_found_by_nnunets_own_lookup():
     names = registry.names()
     assert {"HeartTrainer", "HeartTrainer_demo", "HeartTrainer_nnUNetLoss_250epochs", "HeartTrainer_nnUNetDA",
             "HeartTrainer_nnUNetDA_demo", "HeartTrainer_tversky", "HeartTrainer_tversky_250epochs", "HeartPlanner",
-            "HeartDemoPlanner", "HeartPreprocessor", "HeartCTNormalization",
+            "HeartDemoPlanner", "HeartPreprocessor", "HeartCTNormalization", "HeartCTFloorNormalization",
             "resample_data_or_seg_to_shape_numba"} <= set(names)
     for name, package in names.items():
         found = lookups[package](name)

@@ -7,8 +7,8 @@
   export) by `resample_data_or_seg_to_shape_numba`: nnU-Net's results, faster.
 - `HeartDemoPlanner` -> plans `HeartDemoPlans`: a small network and patch for the synthetic
   phantom on a CPU (used by `ensemble_pipeline.sh --demo` and the tests), and CT channels
-  normalised by `HeartCTNormalization` (nnunet_heart_ext/nnunet/normalization.py: nnU-Net's CT
-  normalisation without clipping the calcifications away).
+  normalised by `HeartCTFloorNormalization` (nnunet_heart_ext/nnunet/normalization.py: nnU-Net's
+  CT normalisation without clipping the calcifications away, shifted so that the padding is air).
 """
 from typing import List, Tuple, Union
 
@@ -70,4 +70,6 @@ class HeartDemoPlanner(HeartPlanner):
 
     def determine_normalization_scheme_and_whether_mask_is_used_for_norm(self):
         schemes, use_mask = super().determine_normalization_scheme_and_whether_mask_is_used_for_norm()
-        return ["HeartCTNormalization" if s == "CTNormalization" else s for s in schemes], use_mask
+        # the floor, not the mean, at 0: nnU-Net's zero padding then looks like air, not myocardium
+        # (normalization.py); plans made before name HeartCTNormalization, which stays registered
+        return ["HeartCTFloorNormalization" if s == "CTNormalization" else s for s in schemes], use_mask

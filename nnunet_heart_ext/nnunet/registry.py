@@ -36,6 +36,7 @@ REGISTRY = {
     "HeartDemoPlanner": (PLANNERS, "nnunet_heart_ext.nnunet.planners:HeartDemoPlanner"),
     "HeartPreprocessor": (PREPROCESSORS, "nnunet_heart_ext.nnunet.preprocessing:HeartPreprocessor"),
     "HeartCTNormalization": (NORMALIZATION, "nnunet_heart_ext.nnunet.normalization:HeartCTNormalization"),
+    "HeartCTFloorNormalization": (NORMALIZATION, "nnunet_heart_ext.nnunet.normalization:HeartCTFloorNormalization"),
     "resample_data_or_seg_to_shape_numba": (
         RESAMPLING, "nnunet_heart_ext.nnunet.resampling:resample_data_or_seg_to_shape_numba"),
 }
