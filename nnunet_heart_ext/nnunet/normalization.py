@@ -34,14 +34,18 @@ CALCIUM_CEILING_HU = 1000.0
 
 
 class HeartCTNormalization(CTNormalization):
+    def _zero(self, properties: dict) -> float:
+        """The intensity that maps to 0: the labelled voxels' mean, as nnU-Net's."""
+        return properties["mean"]
+
     def run(self, image: np.ndarray, seg: np.ndarray = None) -> np.ndarray:
-        assert self.intensityproperties is not None, "HeartCTNormalization requires intensity properties"
+        assert self.intensityproperties is not None, f"{type(self).__name__} requires intensity properties"
         eps = 1e-8 if not self.target_dtype == np.float16 else 1e-4
         properties = self.intensityproperties
         upper = max(properties["percentile_99_5"], CALCIUM_CEILING_HU)
         image = image.astype(self.target_dtype, copy=False)
         np.clip(image, properties["percentile_00_5"], upper, out=image)
-        image -= properties["mean"]
+        image -= self._zero(properties)
         image /= max(properties["std"], eps)
         return image
 
@@ -50,13 +54,5 @@ class HeartCTFloorNormalization(HeartCTNormalization):
     """HeartCTNormalization shifted so that the lower clip bound (and so nnU-Net's zero padding) is
     0: x -> (clip(x, p0.5, max(p99.5, 1000 HU)) - p0.5) / std."""
 
-    def run(self, image: np.ndarray, seg: np.ndarray = None) -> np.ndarray:
-        assert self.intensityproperties is not None, "HeartCTFloorNormalization requires intensity properties"
-        eps = 1e-8 if not self.target_dtype == np.float16 else 1e-4
-        properties = self.intensityproperties
-        lower, upper = properties["percentile_00_5"], max(properties["percentile_99_5"], CALCIUM_CEILING_HU)
-        image = image.astype(self.target_dtype, copy=False)
-        np.clip(image, lower, upper, out=image)
-        image -= lower  # the floor is exactly 0
-        image /= max(properties["std"], eps)
-        return image
+    def _zero(self, properties: dict) -> float:
+        return properties["percentile_00_5"]  # clipped voxels become exactly 0
