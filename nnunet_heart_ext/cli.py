@@ -7,7 +7,8 @@
     nnunet-heart pipeline --src DIR | --demo [options]   (what ensemble_pipeline.sh runs; --help)
 
 Invalid input is reported one problem per line, each naming its file, with exit status 1 and
-nothing written. The subcommands' modules are imported only when run (no torch at all).
+nothing written; a full disk or a denied write, in one line naming the path, the operation and the
+free space, with exit status 1 and the previous outputs intact. The subcommands' modules are imported only when run (no torch at all).
 """
 import argparse
 import sys
@@ -97,11 +98,15 @@ def main(argv=None) -> int:
         from nnunet_heart_ext.pipeline import main as pipeline_main
         return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from nnunet_heart_ext.data.files import WriteError
     from nnunet_heart_ext.data.io import DatasetError
     try:
         args.run(args)
     except DatasetError as e:
         print(f"nnunet-heart {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except WriteError as e:  # a full disk or a denied write: one line, the previous outputs as they were
+        print(f"nnunet-heart {args.command}: error: {e.strerror}", file=sys.stderr)
         return 1
     return 0
 

@@ -543,9 +543,10 @@ def test_log_writer_keeps_one_line_per_progress_bar(tmp_path):
 
 
 STOP_SCRIPT = '''
-import signal, sys
+import sys
 from pathlib import Path
-from nnunet_heart_ext.pipeline import _terminate
+from nnunet_heart_ext.pipeline import handle_stop_signals
+from nnunet_heart_ext.pipeline.errors import Stopped
 from nnunet_heart_ext.pipeline.local import LocalLauncher, resolve_slots
 from nnunet_heart_ext.pipeline.options import parse
 from nnunet_heart_ext.pipeline.steps import Context, Job, Wave
@@ -554,47 +555,65 @@ work = Path(sys.argv[1])
 o = parse(["--src", str(work), "--work", str(work), "--device", "cpu", "--parallel", "2"])
 ctx = Context(o, resolve_slots(o))
 ctx.layout.logs.mkdir(parents=True, exist_ok=True)
-signal.signal(signal.SIGTERM, _terminate)
+handle_stop_signals()
 code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); " \\
        "print('up', flush=True); time.sleep(300)"
 jobs = [Job(f"job{i}", [sys.executable, "-c", code], ctx.layout.logs / f"job{i}.log", slot=True) for i in range(3)]
 try:
     LocalLauncher(ctx).run_wave(Wave(jobs))
-except KeyboardInterrupt:
-    print("stopped", flush=True)
-    sys.exit(130)
+except Stopped as e:
+    print("stopped", e.name, flush=True)
+    sys.exit(e.exit_code)
 '''
 
 
-def test_terminated_pipeline_stops_its_jobs_and_their_children(tmp_path):
-    """`kill PID` of the pipeline (SIGTERM to it alone, not its process group): the running jobs
-    and the processes they started end too, and the queued job never starts."""
+def _alive(pids):
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL],
+                         ids=lambda s: signal.Signals(s).name)
+def test_stopped_pipeline_leaves_no_job_process(tmp_path, sig):
+    """The pipeline alone gets SIGTERM (`kill PID`), SIGINT (Ctrl-C), SIGHUP (its terminal closed) or
+    SIGKILL: every job, and every process a job started, ends too (SIGKILL: through each job's guard,
+    which Linux signals when the pipeline dies), the queued job never starts, and the first three
+    exit 128 + the signal."""
     from nnunet_heart_ext.pipeline.processes import process_tree
 
     script = tmp_path / "stop.py"
     script.write_text(STOP_SCRIPT)
     p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "w")], stdout=subprocess.PIPE, text=True,
                          env=_env(), start_new_session=True)
+    tree = []
     try:
         logs = [tmp_path / "w" / "logs" / f"job{i}.log" for i in range(2)]
         deadline = time.time() + 60
         while not all(log.is_file() and "\nup\n" in log.read_text() for log in logs):
             assert time.time() < deadline and p.poll() is None
             time.sleep(0.1)
+        time.sleep(0.3)  # the jobs' children have started
         tree = process_tree(p.pid)
-        assert len(tree) == 5  # the pipeline, two jobs, a child each
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == 130 and "stopped" in p.stdout.read()
+        assert len(tree) == 7  # the pipeline; per job its guard, the job, the job's child
+        p.send_signal(sig)
+        rc = p.wait(timeout=30)
+        if sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL
+        else:
+            assert rc == 128 + sig and f"stopped {signal.Signals(sig).name}" in p.stdout.read()
+        deadline = time.time() + 15
+        while _alive(tree[1:]) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(tree[1:])
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    time.sleep(0.5)
-    assert not [pid for pid in tree if os.path.exists(f"/proc/{pid}")
-                and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        for pid in _alive(tree[1:]):
+            os.kill(pid, signal.SIGKILL)
     assert not (tmp_path / "w" / "logs" / "job2.log").exists()
-    records = [json.loads(line) for line in (tmp_path / "w" / "logs" / "jobs.jsonl").read_text().splitlines()]
-    assert sorted(r["job"] for r in records) == ["job0", "job1"] and all(r["rc"] != 0 for r in records)
+    if sig != signal.SIGKILL:
+        records = [json.loads(line) for line in (tmp_path / "w" / "logs" / "jobs.jsonl").read_text().splitlines()]
+        assert sorted(r["job"] for r in records) == ["job0", "job1"] and all(r["rc"] != 0 for r in records)
 
 
 def test_status_line_redraws_only_on_a_terminal():

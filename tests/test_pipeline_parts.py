@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import os
+import pickle
 import re
 import time
 from pathlib import Path
@@ -135,7 +136,10 @@ def test_a_broken_inference_information_is_named_by_the_steps_and_status(demo):
     info = demo.layout.inference_information
     info.parent.mkdir(parents=True)
     info.write_text('{"best_model_or_ensemble": ')  # cut short
-    for step in (Best(demo), Predict(demo), Postprocess(demo)):
+    # the best step wrote it (nnU-Net writes it in place): not done, redone by the next run
+    c = Best(demo).check()
+    assert not c.done and f"{info} is cut short or not JSON" in c.reason
+    for step in (Predict(demo), Postprocess(demo)):  # the steps after it name it
         with pytest.raises(PipelineError, match=re.escape(f"{info}: cannot read the best configuration")):
             step.check()
     rows = report.status([Best(demo), Predict(demo)], out=io.StringIO())
@@ -148,14 +152,21 @@ def _segmentation(path: Path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4), np.uint8)), str(path))
 
 
+def _checkpoint(path: Path, epoch: int = 1):
+    """A small checkpoint as nnU-Net writes them (torch.save of a dict with weights and state)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"network_weights": {"w": torch.rand(64, 64)}, "current_epoch": epoch, "logging": {}}, path)
+
+
 def test_train_fold_states_have_kinds(demo):
     train, layout = Train(demo), demo.layout
     assert train.fold_state("3d_fullres", 0) == State(Kind.NOT_STARTED, "not started")
     fold = layout.fold_dir("3d_fullres", 0)
-    fold.mkdir(parents=True)
-    (fold / ds.CHECKPOINTS[1]).write_bytes(b"x")
+    _checkpoint(fold / ds.CHECKPOINTS[1])
     assert train.fold_state("3d_fullres", 0).kind is Kind.RESUMABLE
-    layout.checkpoint("3d_fullres", 0).write_bytes(b"x")
+    _checkpoint(layout.checkpoint("3d_fullres", 0))
     assert train.fold_state("3d_fullres", 0) == State(Kind.DONE, "trained")
     layout.plans_file.parent.mkdir(parents=True)
     layout.plans_file.write_text('{"configurations": {}}')
@@ -182,8 +193,7 @@ def test_validate_fold_states_have_kinds(demo):
     validate, layout = Validate(demo), demo.layout
     assert validate.fold_check("3d_fullres", 0).kind is Kind.NOT_TRAINED
     final = layout.checkpoint("3d_fullres", 0)
-    final.parent.mkdir(parents=True)
-    final.write_bytes(b"x")
+    _checkpoint(final)
     assert validate.fold_check("3d_fullres", 0).kind is Kind.MISSING
     summary = layout.validation_summary("3d_fullres", 0)
     summary.parent.mkdir(parents=True)
@@ -200,6 +210,7 @@ def test_validate_fold_states_have_kinds(demo):
     validation = layout.validation_dir("3d_fullres", 0)
     _segmentation(validation / ds.PREDICTION.name("patient0002"))
     np.savez(validation / ds.PROBABILITIES.name("patient0002"), probabilities=np.zeros(2))
+    (validation / ds.PROBABILITIES_PROPERTIES.name("patient0002")).write_bytes(pickle.dumps({"spacing": [1, 1, 1]}))
     assert validate.fold_check("3d_fullres", 0) == State(Kind.DONE, "validated")
 
 

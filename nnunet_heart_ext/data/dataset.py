@@ -108,6 +108,7 @@ RAW_IMAGE = _Pattern("{case}_0000" + FILE_ENDING, f"{CASE_EXAMPLE}_0000{FILE_END
 RAW_LABEL = _Pattern("{case}" + FILE_ENDING, f"{CASE_EXAMPLE}{FILE_ENDING}")
 PREDICTION = _Pattern("{case}" + FILE_ENDING, f"{CASE_EXAMPLE}{FILE_ENDING}")  # nnUNetv2_predict's output
 PROBABILITIES = _Pattern("{case}.npz", f"{CASE_EXAMPLE}.npz")  # --save_probabilities
+PROBABILITIES_PROPERTIES = _Pattern("{case}.pkl", f"{CASE_EXAMPLE}.pkl")  # written beside the .npz
 RAW_OTHER_CHANNEL = re.compile("^" + _CASE + r"_(\d{4})" + re.escape(FILE_ENDING) + "$")
 
 

@@ -18,8 +18,9 @@ from typing import Dict, List
 import SimpleITK as sitk
 
 from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.files import replace_atomically, sweep
 from nnunet_heart_ext.data.io import (DatasetError, geometry_mismatches, geometry_of, label_values_problem,
-                                      read_geometry, read_image, replace_atomically, volume_problem)
+                                      read_geometry, read_image, volume_problem)
 
 
 def _test_images(images_dir: Path, problems: List[str]) -> Dict[str, Path]:
@@ -108,6 +109,7 @@ def export(pred_dir, images_dir, out_zip) -> Path:
             for case in sorted(preds):
                 zf.write(preds[case], arcname=ds.SUBMISSION.name(case))
 
+    sweep(out_zip.parent)  # an earlier export's temporary, if it was killed
     replace_atomically(write, out_zip)
     print(f"export: {len(preds)} predictions -> {out_zip}")
     return out_zip

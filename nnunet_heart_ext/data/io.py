@@ -1,15 +1,12 @@
-"""NIfTI checks and atomic writes shared by `phantom`, `prepare`, `export` and the pipeline.
+"""NIfTI files: reading and checking them (`prepare`, `export`, the pipeline's "is it finished"
+checks) and writing them atomically (`write_image`, on `files.replace_atomically`).
 
-Everything here takes and returns plain paths, SimpleITK images and numpy arrays. Files are
-always written to a hidden temporary name in the destination folder and then moved into place
-with `os.replace`, so a reader never sees half a file and an interrupted run leaves no partial
-output under the final name.
+Everything here takes and returns plain paths, SimpleITK images and numpy arrays.
 """
+import errno
 import gzip
 import os
 import struct
-import shutil
-import uuid
 import zlib
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence
@@ -18,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_heart_ext.data.dataset import LABEL_VALUES
+from nnunet_heart_ext.data.files import replace_atomically
 
 
 class DatasetError(Exception):
@@ -192,56 +190,14 @@ def nifti_incomplete(path: Path) -> Optional[str]:
     return None
 
 
-def _temp_path(final: Path) -> Path:
-    """Hidden temporary name next to `final` (same file system, so os.replace is atomic). It ends
-    like `final`, since SimpleITK picks the writer by extension. Not created here, so the file gets
-    the usual permissions (mkstemp would make it private)."""
-    return final.parent / f".tmp-{uuid.uuid4().hex[:12]}-{final.name}"
-
-
-def replace_atomically(write, final: Path) -> Path:
-    """Call write(temporary path), then move the result to `final`; on any error remove it."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(final)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
-
-
 def write_image(image: sitk.Image, path: Path) -> Path:
-    """Atomic sitk.WriteImage (gzip-compressed for .nii.gz)."""
-    return replace_atomically(lambda tmp: sitk.WriteImage(image, str(tmp), True), Path(path))
+    """Atomic sitk.WriteImage (gzip-compressed for .nii.gz). SimpleITK does not raise when the disk
+    fills up (its NIfTI writer prints an error and leaves a cut-short file), so the written file is
+    checked before it is moved into place."""
+    def write(tmp: Path):
+        sitk.WriteImage(image, str(tmp), True)
+        problem = nifti_incomplete(tmp) if str(tmp).endswith(".nii.gz") else None
+        if problem:
+            raise OSError(errno.EIO, f"SimpleITK wrote an incomplete file ({problem})")
 
-
-def write_text(text: str, path: Path) -> Path:
-    return replace_atomically(lambda tmp: tmp.write_text(text), Path(path))
-
-
-def copy_file(src: Path, dst: Path) -> Path:
-    """Atomic copy keeping the modification time (so an unchanged source is recognised later)."""
-    return replace_atomically(lambda tmp: shutil.copy2(src, tmp), Path(dst))
-
-
-def link_file(src: Path, dst: Path) -> Path:
-    """Atomic symbolic link dst -> absolute src (replaces whatever dst was)."""
-    dst = Path(dst)
-
-    def write(tmp):
-        os.symlink(Path(src).resolve(), tmp)
-
-    return replace_atomically(write, dst)
-
-
-def up_to_date(src: Path, dst: Path, link: bool) -> bool:
-    """True if dst already is what copy_file/link_file would make of src."""
-    if link:
-        return dst.is_symlink() and Path(os.readlink(dst)) == Path(src).resolve()
-    if dst.is_symlink() or not dst.is_file():
-        return False
-    s, d = Path(src).stat(), dst.stat()
-    return s.st_size == d.st_size and s.st_mtime_ns == d.st_mtime_ns
+    return replace_atomically(write, Path(path))

@@ -37,7 +37,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_heart_ext.data import dataset as ds
-from nnunet_heart_ext.data.io import DatasetError, write_image, write_text
+from nnunet_heart_ext.data.files import write_text
+from nnunet_heart_ext.data.io import DatasetError, write_image
 
 TRAIN_LABEL_DIR, TEST_IMAGE_DIR, TEST_LABEL_DIR = ds.TRAIN_LABEL_DIRS[0], ds.TEST_IMAGE_DIRS[0], ds.TEST_LABEL_DIRS[0]
 FOLDERS = ds.ORGANIZER_TRAIN_IMAGE_DIRS + (TRAIN_LABEL_DIR, TEST_IMAGE_DIR, TEST_LABEL_DIR)

@@ -30,9 +30,9 @@ from typing import Dict, List, Optional
 import SimpleITK as sitk
 
 from nnunet_heart_ext.data import dataset as ds
-from nnunet_heart_ext.data.io import (DatasetError, copy_file, geometry_mismatches, geometry_of, label_values_problem,
-                                      link_file, read_image, stored_nonfinite_problem, up_to_date, volume_problem,
-                                      write_text)
+from nnunet_heart_ext.data.files import copy_file, link_file, sweep, up_to_date, write_text
+from nnunet_heart_ext.data.io import (DatasetError, geometry_mismatches, geometry_of, label_values_problem,
+                                      read_image, stored_nonfinite_problem, volume_problem)
 
 DATASET_NAME = ds.NNUNET_DATASET_NAME
 MARKER = ".nnunet-heart-prepare.json"  # in the dataset folder: the files prepare wrote there
@@ -74,7 +74,10 @@ def pending(src, raw_root=None, dataset_name: str = ds.DATASET_NAME, test_dir=No
     if not (out / MARKER).is_file():
         return f"{out} was not written by prepare yet"
     plan = _plan_files(files, out)
-    written = set(json.loads((out / MARKER).read_text())["files"])
+    try:
+        written = set(json.loads((out / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{out / MARKER} is unreadable ({type(e).__name__})"
     ours = {str(dst.relative_to(out)) for dst in plan}
     if written != ours:
         return f"{out} holds other cases than {files.src} ({len(written ^ ours)} file(s) differ)"
@@ -82,9 +85,12 @@ def pending(src, raw_root=None, dataset_name: str = ds.DATASET_NAME, test_dir=No
     if stale:
         return f"{len(stale)} file(s) in {out} differ from their originals (e.g. {stale[0].name})"
     dataset_json = out / ds.DATASET_JSON
-    if not dataset_json.is_file() or json.loads(dataset_json.read_text()).get("numTraining") != \
-            len(files.training_cases):
-        return f"{dataset_json} is missing or counts other cases"
+    try:
+        counted = json.loads(dataset_json.read_text()).get("numTraining")
+    except (OSError, ValueError, AttributeError):
+        counted = None
+    if counted != len(files.training_cases):
+        return f"{dataset_json} is missing, unreadable or counts other cases"
     return None
 
 
@@ -127,11 +133,17 @@ def prepare(src, raw_root=None, dataset_name: str = ds.DATASET_NAME, test_dir=No
         raise DatasetError(problems)
 
     plan = _plan_files(files, out)
-    for sub in (ds.RAW_IMAGES_TR, ds.RAW_LABELS_TR, ds.RAW_IMAGES_TS):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    for folder in (out, *(out / sub for sub in (ds.RAW_IMAGES_TR, ds.RAW_LABELS_TR, ds.RAW_IMAGES_TS))):
+        folder.mkdir(parents=True, exist_ok=True)
+        removed = sweep(folder)  # a killed earlier run's temporaries, which nnU-Net would take for cases
+        if removed:
+            print(f"prepare: removed {len(removed)} leftover file(s) of killed writers in {folder}")
     # the marker lists what prepare wrote, so a rerun removes only its own files of dropped cases;
     # it names the new files before they are written, so an interrupted run can be rerun
-    earlier = set(json.loads((out / MARKER).read_text())["files"]) if (out / MARKER).is_file() else set()
+    try:
+        earlier = set(json.loads((out / MARKER).read_text())["files"]) if (out / MARKER).is_file() else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = set()  # unreadable: the files of dropped cases are left, every case is checked again
     ours = {str(dst.relative_to(out)) for dst in plan}
     write_text(json.dumps({"source": str(src), "files": sorted(earlier | ours)}, indent=1), out / MARKER)
     removed = 0
@@ -180,20 +192,23 @@ def check_case(image_path: Path, label_path: Optional[Path]) -> List[str]:
 
 
 def _write_dataset_json(out: Path, dataset_name: str, num_training: int) -> bool:
-    """nnU-Net's own generate_dataset_json, written to a temporary folder and moved into place;
-    left alone if the content would not change (True if written)."""
+    """nnU-Net's own generate_dataset_json, made in a temporary folder and written into place
+    atomically; left alone if the content would not change (True if written)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     content = ds.dataset_json_content(num_training)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nnunet-heart-prepare-") as tmp:
         generate_dataset_json(tmp, content["channel_names"], content["labels"], content["num_training_cases"],
                               content["file_ending"], dataset_name=dataset_name,
                               description=f"{ds.DESCRIPTION} (organizer layout converted by `nnunet-heart prepare`)",
                               overwrite_image_reader_writer="SimpleITKIO", converted_by="nnunet-heart prepare",
                               license="see the AICUP 2025 competition terms")
-        new = Path(tmp) / ds.DATASET_JSON
-        final = out / ds.DATASET_JSON
-        if final.is_file() and json.loads(final.read_text()) == json.loads(new.read_text()):
+        text = (Path(tmp) / ds.DATASET_JSON).read_text()
+    final = out / ds.DATASET_JSON
+    try:
+        if final.is_file() and json.loads(final.read_text()) == json.loads(text):
             return False
-        os.replace(new, final)
-        return True
+    except ValueError:
+        pass  # cut short or not JSON: rewritten
+    write_text(text, final)
+    return True

@@ -14,7 +14,10 @@ with nnU-Net's official commands, resumable, here or on Slurm.
     local.py           LocalLauncher: here (GPU slots, CPU parallel)
     slurm_launcher.py  SlurmLauncher: the steps as Slurm jobs (arrays, afterok, cancel, follow)
     slurm.py           the Slurm client (sbatch, squeue, sacct, ...; WORK/slurm/jobs.json)
-    processes.py       a job's process and its log pump; stopping process trees
+    processes.py       a job's process (under guard.py, which ends it with the pipeline) and its
+                       log pump; stopping jobs with their process groups
+    locks.py           one run per work folder, one job per step or fold
+    errors.py          what stops a run, and its exit status
     terminal.py        notes, the status line, job logs
     report.py          --status, the Dice tables, the closing summary
 
@@ -24,18 +27,34 @@ import signal
 import sys
 from typing import List, Optional
 
-from nnunet_heart_ext.pipeline.options import PipelineError, parse
+from nnunet_heart_ext.pipeline.errors import PipelineError, Stopped
+from nnunet_heart_ext.pipeline.options import parse
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
+def _stop(signum, frame):
+    for s in STOP_SIGNALS:  # one stop: a second Ctrl-C must not cut the stopping of the jobs short
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def handle_stop_signals():
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop the jobs and the run: each
+    raises Stopped, the launcher's `finally` stops the running jobs, `main` exits 128 + signal.
+    Returns the previous handlers."""
+    return {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_heart_ext.data.files import WriteError
     from nnunet_heart_ext.pipeline import launchers, report
+    from nnunet_heart_ext.pipeline.locks import Lock
     from nnunet_heart_ext.pipeline.steps import Context, make_steps
-    from nnunet_heart_ext.pipeline.terminal import TERMINAL
+    from nnunet_heart_ext.pipeline.terminal import TERMINAL, note
 
+    previous = None
+    work_lock = None
     try:
         options = parse(argv)
         if options is None:
@@ -49,16 +68,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         launcher = launchers.pick(ctx)
         if options.dry_run:
             return launcher.dry_run(steps)
-        previous = signal.signal(signal.SIGTERM, _terminate)  # `kill PID`: stop the jobs too, like Ctrl-C
-        try:
-            return launcher.run(steps)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        previous = handle_stop_signals()
+        if options.slurm_job is None:  # a Slurm job locks its step or fold, not the work folder (locks.py)
+            work_lock = Lock(ctx.layout.work_lock, f"the work folder {ctx.layout.work}").acquire(say=note)
+        return launcher.run(steps)
     except PipelineError as e:
         TERMINAL.clear()
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
+        return e.exit_code
+    except WriteError as e:
         TERMINAL.clear()
-        print("\n[pipeline] interrupted; rerun the same command to continue", file=sys.stderr, flush=True)
-        return 130
+        print(f"error: {e.strerror}", file=sys.stderr, flush=True)
+        return 1
+    except Stopped as e:
+        TERMINAL.clear()
+        print(f"\n[pipeline] stopped by {e.name}; its jobs were stopped; rerun the same command to continue",
+              file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        if work_lock is not None:
+            work_lock.release()
+        if previous:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,16 +1,27 @@
 """What "done" means, in files: a step's `Check`, the typed `State` of one fold (its `Kind`, which
-control flow branches on, and the reason said to the user), and the file checks the steps share:
-a segmentation or probability file finished or cut short, a file older than its inputs (make's
-rule: an output older than its input is stale).
+control flow branches on, and the reason said to the user), and the file checks the steps share.
+
+"Done" means usable: an output counts only when it can be read as what it claims to be, since a
+killed writer (or a full disk) can leave a complete name on incomplete data, and nnU-Net writes its
+checkpoints, JSON files and pickles in place. Each check is cheap and reads as little as it can:
+  segmentation   the .nii.gz's gzip trailer against the length its NIfTI header implies
+  .npz, zip      the archive's central directory (at the file's end)
+  checkpoint     the archive's directory, then torch.load(mmap=True): the pickle is read, the
+                 tensors only mapped (a cut-short file has no directory; one whose tensors were
+                 not all written fails to map)
+  JSON, pickle   parsed whole (they are small)
+and a file older than its inputs is stale (make's rule).
 
 Everything here only reads: nothing is deleted or written while checking.
 """
 import enum
+import json
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from nnunet_heart_ext.data.io import nifti_incomplete
 
@@ -74,6 +85,63 @@ def npz_problem(path: Path) -> Optional[str]:
         zipfile.ZipFile(path).close()  # reads the central directory at the file's end
     except (OSError, zipfile.BadZipFile):
         return "cut short"
+    return None
+
+
+def json_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a readable JSON file (None if it is)."""
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"cut short or not JSON ({type(e).__name__}: {e})"
+    return None
+
+
+def pickle_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a readable pickle (None if it is). Only the pipeline's own outputs and
+    nnU-Net's are read this way (postprocessing.pkl, the export's and preprocessing's .pkl)."""
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        with open(path, "rb") as f:
+            pickle.load(f)  # noqa: S301  (nnU-Net's own files, which nnU-Net itself unpickles)
+    except Exception as e:  # noqa: BLE001  (a cut-short pickle fails in many ways)
+        return f"cut short or not a pickle ({type(e).__name__})"
+    return None
+
+
+_checkpoints: Dict[Tuple[str, int, int], Optional[str]] = {}
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a usable torch checkpoint (None if it is): missing, cut short, or not
+    loadable. Remembered per (path, size, modification time), so a run checks each file once."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _checkpoints:
+        _checkpoints[key] = _checkpoint_problem(path)
+    return _checkpoints[key]
+
+
+def _checkpoint_problem(path: Path) -> Optional[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(name.endswith("data.pkl") for name in z.namelist()):
+                return "not a torch checkpoint (no data.pkl in it)"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"cut short ({type(e).__name__}: {e})"
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (any failure to load means: not usable)
+        return f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})"
     return None
 
 

@@ -9,7 +9,8 @@ slots here, one per job on Slurm; the `Context` is built with them, before a lau
 import abc
 from typing import Dict, List, Optional
 
-from nnunet_heart_ext.pipeline.options import Options, PipelineError
+from nnunet_heart_ext.pipeline.errors import PipelineError
+from nnunet_heart_ext.pipeline.options import Options
 from nnunet_heart_ext.pipeline.steps import Action, Context, Job, Step
 
 

@@ -5,7 +5,7 @@ folders and what nnU-Net's commands write in them).
 The names come from where they are stated: nnU-Net's folders and files from
 `nnunet_heart_ext.data.dataset`, the work folder's own from the constants of options.py. The few
 names stated here are those of folders only this layout knows: the prediction folders, the
-Slurm job records and scripts, and the launchers' record of finished jobs.
+Slurm job records and scripts, the launchers' record of finished jobs, and the locks.
 """
 from pathlib import Path
 from typing import Dict, List
@@ -17,6 +17,7 @@ ENSEMBLE, POSTPROCESSED = "ensemble", "postprocessed"  # in the predictions fold
 JOB_RECORDS = "jobs.jsonl"                              # in the logs: one line per finished local job
 SLURM_LOGS = "slurm"                                    # in the logs: the Slurm jobs' logs
 SLURM_RECORDS, SLURM_SCRIPTS = "jobs.json", "scripts"   # in the Slurm folder: submissions, job scripts
+LOCKS, WORK_LOCK = "locks", "pipeline.lock"            # in the work folder: the locks of locks.py
 
 
 class Layout:
@@ -63,6 +64,15 @@ class Layout:
     @property
     def slurm_logs(self) -> Path:
         return self.logs / SLURM_LOGS
+
+    @property
+    def work_lock(self) -> Path:
+        """Held by the run (or the Slurm submitter) that works in this folder."""
+        return self.work / LOCKS / WORK_LOCK
+
+    def step_lock(self, name: str) -> Path:
+        """Held while a step (or a fold: `fold-CONFIG-F`) runs, by a local run or a Slurm job."""
+        return self.work / LOCKS / f"{name}.lock"
 
     @property
     def test_dice(self) -> Path:

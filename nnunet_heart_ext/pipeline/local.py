@@ -6,19 +6,36 @@ by side, one per slot: a GPU (`CUDA_VISIBLE_DEVICES` set to it) or, with `--devi
 fails stops the others and shows its log's last lines. Each job's output goes to its own log
 (`terminal.LogWriter`); on a terminal a status line shows what each running job last said.
 Every job's slot and times are appended to WORK/logs/jobs.jsonl (`processes.Running.finish`).
+
+Before a step runs (and before it is checked, so that two runs never both find it "to do"), it
+takes its locks (its own, or each fold's: locks.py; a Slurm job waits for a holder, a local run is
+refused), the folders it writes are checked for room to write, and the leftovers of killed writers
+are swept from the folders it writes and lists (data/files.py), each with a line in the log. A job
+that fails with a full disk or a denied write is reported in one line with the free space.
 """
 import os
+import re
 import shutil
 import sys
 import time
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from nnunet_heart_ext.data.files import ensure_writable, free_bytes, sweep
 from nnunet_heart_ext.pipeline import processes, report
+from nnunet_heart_ext.pipeline.errors import PipelineError
 from nnunet_heart_ext.pipeline.launchers import Launcher, print_commands
-from nnunet_heart_ext.pipeline.options import Options, PipelineError
+from nnunet_heart_ext.pipeline.locks import Lock, held
+from nnunet_heart_ext.pipeline.options import Options
 from nnunet_heart_ext.pipeline.processes import Running
 from nnunet_heart_ext.pipeline.steps import Action, Context, Job, Step, Wave
 from nnunet_heart_ext.pipeline.terminal import TERMINAL, log_tail, note
+
+# what a job's log says when its disk is full or its folder not writable (Python's OSError,
+# SimpleITK's NIfTI writer, torch.save's zip writer)
+WRITE_FAILURE = re.compile(r"No space left on device|Errno 28|Disk quota exceeded|Read-only file system|"
+                           r"Permission denied|NWAD: wrote only|unexpected pos \d+ vs \d+")
 
 OFFICIAL_COMMANDS = ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2_find_best_configuration",
                      "nnUNetv2_predict", "nnUNetv2_ensemble", "nnUNetv2_apply_postprocessing", "nnunet-heart")
@@ -64,6 +81,8 @@ class LocalLauncher(Launcher):
     def __init__(self, ctx: Context):
         self.ctx, self.o = ctx, ctx.o
         self.slots = ctx.slots
+        self._held: List[Lock] = []          # the locks of the running step (their descriptors go to its jobs)
+        self._step: Optional[Step] = None    # the running step
 
     # ------------------------------------------------------------------ whole pipeline
     def run(self, steps: List[Step]) -> int:
@@ -73,30 +92,63 @@ class LocalLauncher(Launcher):
              f"{','.join(map(str, o.folds))}   configs: {','.join(o.configs)}")
         note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}")
         note(f"nnUNet_raw={o.raw} nnUNet_preprocessed={o.preprocessed} nnUNet_results={o.results}")
-        self.ctx.layout.logs.mkdir(parents=True, exist_ok=True)
+        ensure_writable(self.ctx.layout.logs)
         timings: Dict[str, Tuple[float, str]] = {}
         for step in steps:
             if not o.wanted(step.name):
                 continue
             start = time.time()
             note(f"step {step.name}")
-            forced = o.forced(step.name)
-            if not forced:
-                c = step.check()
-                if c.done:
-                    note(f"  {step.name}: already done ({c.reason})")
-                    timings[step.name] = (time.time() - start, "already done")
-                    continue
-                note(f"  {step.name}: to do: {c.reason}")
-            for wave in step.waves(forced):
-                self.run_wave(wave)
-            c = step.check()
-            if not c.done:
-                raise PipelineError(f"{step.name} ran, but its outputs are not complete: {c.reason}")
-            step.after()
-            timings[step.name] = (time.time() - start, "done")
+            with self.step_locks(step):
+                self.tidy(step)
+                state = self.run_step(step)
+            timings[step.name] = (time.time() - start, state)
         print(report.summary(self.ctx, timings), flush=True)
         return 0
+
+    def run_step(self, step: Step) -> str:
+        """Check the step, run what is not done, check again; returns its state for the summary."""
+        forced = self.o.forced(step.name)
+        if not forced:
+            c = step.check()
+            if c.done:
+                note(f"  {step.name}: already done ({c.reason})")
+                return "already done"
+            note(f"  {step.name}: to do: {c.reason}")
+        self._step = step
+        for wave in step.waves(forced):
+            self.run_wave(wave)
+        c = step.check()
+        if not c.done:
+            raise PipelineError(f"{step.name} ran, but its outputs are not complete: {c.reason}")
+        step.after()
+        return "done"
+
+    def step_locks(self, step: Step) -> ExitStack:
+        """The step's locks, taken in order (a Slurm job waits for each; a local run is refused)."""
+        stack = ExitStack()
+        self._held = []
+        try:
+            for name, what in sorted(step.locks().items()):
+                lock = Lock(self.ctx.layout.step_lock(name), f"{what} of {self.ctx.layout.work}").acquire(
+                    wait=self.o.slurm_job is not None, say=note)
+                stack.callback(lock.release)
+                self._held.append(lock)
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def tidy(self, step: Step) -> None:
+        """Room to write in the step's output folders, and no leftover of a killed writer in the
+        folders it writes or lists."""
+        for folder in step.writes():
+            ensure_writable(folder)
+        for folder, exclusive in [(f, step.sweep_exclusive) for f in step.writes()] + [(f, False) for f in step.reads()]:
+            removed = sweep(folder, exclusive=exclusive)
+            if removed:
+                names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+                note(f"  removed {len(removed)} leftover file(s) of killed writers in {folder}: {names}")
 
     def dry_run(self, steps: List[Step]) -> int:
         o = self.o
@@ -127,7 +179,16 @@ class LocalLauncher(Launcher):
         env = self.ctx.env()
         if slot is not None and self.o.device == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = slot
-        return processes.start(job, slot, env)
+        return processes.start(job, slot, env, fds=held(self._held))
+
+    def _write_failure(self, log: Path) -> Optional[str]:
+        """One line when a failed job's log says its disk is full or its folder is not writable."""
+        tail = log_tail(log, 60)
+        if not WRITE_FAILURE.search(tail):
+            return None
+        folders = (self._step.writes() if self._step is not None else []) or [self.ctx.layout.work]
+        rooms = ", ".join(f"{(free_bytes(f) or 0) / 1024 ** 3:.2f} GiB free for {f}" for f in folders[:3])
+        return f"its log says the disk is full or a folder is not writable ({rooms})"
 
     def _stop(self, running: Dict[str, Running]):
         processes.stop(running, self.ctx.layout.job_records)
@@ -156,7 +217,9 @@ class LocalLauncher(Launcher):
                         if r.writer.error is not None:
                             print(f"---- its output could not all be written to the log: {r.writer.error} "
                                   f"(disk full?)", file=sys.stderr)
-                        raise PipelineError(f"{name} failed (exit {rc}); full log: {r.job.log}; rerun to continue")
+                        why = self._write_failure(r.job.log)
+                        raise PipelineError(f"{name} failed (exit {rc})" + (f": {why}" if why else "")
+                                            + f"; full log: {r.job.log}; rerun to continue")
                     note(f"  {name} finished ({time.time() - r.start:.0f} s)")
                 if TERMINAL.tty and time.time() - last_status >= 1 and running:
                     last_status = time.time()

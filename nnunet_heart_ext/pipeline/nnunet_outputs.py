@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from nnunet_heart_ext.data import dataset as ds
-from nnunet_heart_ext.pipeline.options import PipelineError
+from nnunet_heart_ext.pipeline.errors import PipelineError
 
 
 def _read(path: Path, what: str):

@@ -174,6 +174,10 @@ OPTIONS: Tuple[Opt, ...] = (
                                                       "--slurm-args \"--partition=gpu --account=lab42 "
                                                       "--time=24:00:00\" {env}"),),
         env="HEART_SLURM_ARGS", default=""),
+    Opt("--slurm-job", _W, (("--slurm-job UNIT", "set by --launcher slurm in each job's command line: the job locks its "
+                                                 "step or\nfold (waiting for another job that holds it) instead of "
+                                                 "the work folder"),),
+        passed_on=True),
     Opt("--wait", _W, (("--wait", "with slurm: follow the jobs to the end, report each one's end, and fail with\n"
                                   "the failed job's log tail (without it: submit, say how to follow, return)"),),
         action="store_true"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from nnunet_heart_ext.pipeline.errors import PipelineError  # noqa: F401  (re-exported: what options raise)
 from nnunet_heart_ext.pipeline.option_table import DEMO, DEMO_WORK_DEFAULT, OPT, OPTIONS, SUBMISSION, USAGE, \
     WORK_DEFAULT
 
@@ -54,10 +55,6 @@ def demo_fold(seed: int) -> int:
     return best
 
 
-class PipelineError(Exception):
-    """A problem the user can fix; printed as `error: ...`, exit status 1."""
-
-
 @dataclass
 class Options:
     src: Optional[Path] = None
@@ -86,6 +83,7 @@ class Options:
     launcher: str = "local"
     slurm_args: List[str] = field(default_factory=list)
     wait: bool = False
+    slurm_job: Optional[str] = None  # set in a Slurm job's command line: the unit it runs (locks.py)
     dry_run: bool = False
     status: bool = False
     json: bool = False
@@ -226,6 +224,7 @@ def parse(argv: Optional[List[str]] = None, cwd: Optional[Path] = None) -> Optio
     except ValueError as e:
         raise PipelineError(f"--slurm-args: {e}") from None
     o.wait, o.dry_run, o.status, o.json = a.wait, a.dry_run, a.status, a.json
+    o.slurm_job = a.slurm_job
     if o.json and not o.status:
         raise PipelineError("--json goes with --status")
     if o.dry_run and o.status:
@@ -236,14 +235,14 @@ def parse(argv: Optional[List[str]] = None, cwd: Optional[Path] = None) -> Optio
 
 
 def command_line(o: Options, only: List[str], configs: Optional[List[str]] = None,
-                 folds: Optional[List[int]] = None) -> List[str]:
+                 folds: Optional[List[int]] = None, job: Optional[str] = None) -> List[str]:
     """The `nnunet-heart pipeline` arguments that run `only` of this pipeline on the local launcher
-    (what each Slurm job runs): every path absolute and every default spelled out, so that the job
-    does not depend on the submitting shell's folder or environment. Made from `OPTIONS`: each
-    option passed on, with its value in `o` or the one given here."""
+    (what each Slurm job runs, `job` naming its unit): every path absolute and every default
+    spelled out, so that the job does not depend on the submitting shell's folder or environment.
+    Made from `OPTIONS`: each option passed on, with its value in `o` or the one given here."""
     forced = [s for s in only if o.forced(s)]
     given = dict(launcher="local", only=list(only), configs=configs or o.configs, folds=folds or o.folds,
-                 force_from=forced[0] if forced else None)
+                 force_from=forced[0] if forced else None, slurm_job=job)
     args: List[str] = []
     for opt in OPTIONS:
         if not opt.passed_on:

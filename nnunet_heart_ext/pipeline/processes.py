@@ -1,24 +1,31 @@
 """The jobs' processes: starting one with its output pumped into its log, and stopping a job
 together with every process it started.
 
-`start` runs a job's command with its output (stdout and stderr) read by a thread into the job's
-`LogWriter`; `Running.finish` appends the job's slot, times and exit status to WORK/logs/jobs.jsonl.
-`stop` ends running jobs and their descendants (nnU-Net's data-loading and export workers):
-SIGTERM to every process of each tree, SIGKILL to what is left after 10 seconds.
+`start` runs a job's command under its guard (guard.py) in a process group of its own, with its
+output (stdout and stderr) read by a thread into the job's `LogWriter`, and hands the guard the
+descriptors of the locks its step holds; `Running.finish` appends the job's slot, times and exit
+status to WORK/logs/jobs.jsonl (one whole line per write). `stop` ends running jobs with every
+process they started (nnU-Net's data-loading and export workers, all in the job's group): SIGTERM
+to each group, SIGKILL to what is left after 10 seconds. If the pipeline itself is killed, the
+guards end their groups (parent-death signal).
 """
 import datetime
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
+from nnunet_heart_ext.data.files import append_line
 from nnunet_heart_ext.pipeline.steps import Job
 from nnunet_heart_ext.pipeline.terminal import LogWriter, note
+
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the pipeline stops its jobs
 
 
 def _pump(stream, writer: LogWriter):
@@ -62,12 +69,30 @@ def process_tree(pid: int) -> List[int]:
     return out
 
 
-def _signal_all(pids: List[int], sig: int):
-    for p in pids:
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the job's group still exists (zombies aside)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit():
+            continue
         try:
-            os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return not os.path.isdir("/proc")
 
 
 @dataclass
@@ -84,13 +109,17 @@ class Running:
         self.writer.close()
         record = dict(job=self.job.name, slot=self.slot, start=self.start, end=time.time(), rc=rc, pid=self.proc.pid,
                       command=self.job.command)
-        with open(records, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(json.dumps(record), records)
 
 
-def start(job: Job, slot: Optional[str], env: Dict[str, str]) -> Running:
-    """Start `job` on `slot` (None: no slot) with environment `env`; its log gets a header line,
-    then the job's output."""
+def guarded(argv: List[str]) -> List[str]:
+    """`argv` run under the guard (guard.py), which ends it with this process."""
+    return [sys.executable, "-m", "nnunet_heart_ext.pipeline.guard", str(os.getpid()), "--", *argv]
+
+
+def start(job: Job, slot: Optional[str], env: Dict[str, str], fds: Sequence[int] = ()) -> Running:
+    """Start `job` on `slot` (None: no slot) with environment `env`, its guard holding the lock
+    descriptors `fds`; its log gets a header line, then the job's output."""
     job.log.parent.mkdir(parents=True, exist_ok=True)
     where = slot or "this machine"
     with open(job.log, "a") as f:
@@ -98,8 +127,8 @@ def start(job: Job, slot: Optional[str], env: Dict[str, str]) -> Running:
     if job.note:
         note(f"  {job.name}: {job.note}")
     note(f"  $ {job.command}")
-    proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(guarded(job.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True, pass_fds=tuple(fds))
     writer = LogWriter(job.log)
     thread = threading.Thread(target=_pump, args=(proc.stdout, writer), daemon=True)
     thread.start()
@@ -108,17 +137,19 @@ def start(job: Job, slot: Optional[str], env: Dict[str, str]) -> Running:
 
 
 def stop(running: Dict[str, Running], records: Path):
-    """Stop the running jobs and their process trees; each job's record is appended to `records`."""
-    trees = {name: process_tree(r.proc.pid) for name, r in running.items()}
-    for pids in trees.values():
-        _signal_all(pids, signal.SIGTERM)
-    deadline = time.time() + 10
+    """Stop the running jobs with every process of their groups; each job's record is appended to
+    `records`."""
+    for r in running.values():
+        _signal_group(r.proc.pid, signal.SIGTERM)  # the guard leads its job's group: its pid is the group's id
+    deadline = time.time() + STOP_GRACE
     for name, r in running.items():
         try:
             r.proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             pass
-        _signal_all([p for p in trees[name] if os.path.exists(f"/proc/{p}")], signal.SIGKILL)
+        while group_alive(r.proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        _signal_group(r.proc.pid, signal.SIGKILL)
         r.proc.wait()
         r.finish(records, r.proc.returncode)
     running.clear()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from nnunet_heart_ext.data import dataset as ds
-from nnunet_heart_ext.data.io import write_text
+from nnunet_heart_ext.data.files import write_text
 from nnunet_heart_ext.pipeline import nnunet_outputs
 from nnunet_heart_ext.pipeline.layout import Layout
 
@@ -21,7 +21,7 @@ from nnunet_heart_ext.pipeline.layout import Layout
 # ----------------------------------------------------------------------------- status
 def status(steps, as_json: bool = False, jobs: Optional[Dict[str, List[str]]] = None, out=None) -> List[dict]:
     """Each step's state, from its in-process check; `jobs`: step -> live Slurm jobs (if any)."""
-    from nnunet_heart_ext.pipeline.options import PipelineError
+    from nnunet_heart_ext.pipeline.errors import PipelineError
 
     out = out or sys.stdout
     rows = []
@@ -86,7 +86,7 @@ def score(zip_path: Path, ground_truth: Dict[str, Path], out_json: Path, num_pro
     truth files (case -> file), by nnU-Net's compute_metrics_on_folder_simple; written atomically."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
 
-    from nnunet_heart_ext.pipeline.options import PipelineError
+    from nnunet_heart_ext.pipeline.errors import PipelineError
 
     with tempfile.TemporaryDirectory() as tmp:
         pred, ref = Path(tmp) / "pred", Path(tmp) / "ref"

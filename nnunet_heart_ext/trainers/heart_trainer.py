@@ -6,6 +6,10 @@
   load and cut (trainers/device_augmentation.py). Configurations it does not cover keep nnU-Net's
   CPU transforms, with a line in the log.
 
+- Checkpoints: nnU-Net's own, written atomically (to a temporary file beside them, flushed, then
+  renamed: nnunet_heart_ext/data/files.py), so a kill or a full disk while one is saved leaves the
+  previous one whole instead of a cut-short file that --c cannot load.
+
 Everything else is nnU-Net's own `nnUNetTrainer` (case sampling, schedule, validation,
 checkpoints), so results stay comparable with plain nnU-Net.
 """
@@ -22,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_heart_ext.data.files import replace_atomically, sweep
 from nnunet_heart_ext.kernels.augment import DeviceAugmentation
 from nnunet_heart_ext.kernels.fused_dice_ce import FusedDiceCELoss
 from nnunet_heart_ext.trainers.device_augmentation import HeartDataLoader, unsupported_reason
@@ -138,6 +143,21 @@ class HeartTrainer(nnUNetTrainer):
         next(mt_train)
         next(mt_val)
         return mt_train, mt_val
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: under a temporary name, flushed, then renamed
+        (a save cut short by a kill or a full disk leaves the previous checkpoint as it was; lack
+        of room raises data.files.WriteError naming the file and the free space)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        replace_atomically(lambda tmp: nnUNetTrainer.save_checkpoint(self, str(tmp)), filename, "save checkpoint")
+
+    def on_train_start(self):
+        removed = sweep(self.output_folder)  # what a killed save left (its writer gone), never a running one
+        if removed:
+            self.print_to_log_file(f"HeartTrainer: removed {len(removed)} leftover file(s) of killed writers in "
+                                   f"{self.output_folder}")
+        return super().on_train_start()
 
     def train_step(self, batch: dict) -> dict:
         if "params" in batch:

@@ -4,15 +4,11 @@ pipeline's own process) and `Wave` (jobs that may run side by side, or one actio
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from nnunet_heart_ext.pipeline.checks import Check
 from nnunet_heart_ext.pipeline.context import Context
-from nnunet_heart_ext.pipeline.options import PipelineError
-
-
-class NotReady(PipelineError):
-    """A step cannot run yet: an earlier step's outputs are missing."""
+from nnunet_heart_ext.pipeline.errors import NotReady  # noqa: F401  (re-exported: what waves() raise)
 
 
 @dataclass
@@ -53,8 +49,26 @@ class Step:
     def __init__(self, ctx: Context):
         self.ctx, self.o, self.layout = ctx, ctx.o, ctx.layout
 
+    # Exclusive sweeps: the step's locks keep every other writer out of the folders it writes
+    # (fold folders), so even a leftover of a writer on another machine (a Slurm node) goes.
+    sweep_exclusive = False
+
     def check(self) -> Check:
         raise NotImplementedError
+
+    def locks(self) -> Dict[str, str]:
+        """The locks it holds while it runs (locks.py; paths: Layout.step_lock), each with what it
+        guards in words: its own by default."""
+        return {self.name: f"the {self.name} step"}
+
+    def writes(self) -> List[Path]:
+        """The folders its commands write: checked for room to write and swept of killed writers'
+        leftovers (data/files.py) before it runs."""
+        return []
+
+    def reads(self) -> List[Path]:
+        """Other folders its commands list (nnU-Net's inputs): swept of leftovers too."""
+        return []
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
         """What to run. `forced`: redo even what is done. `assume` (a dry run): earlier steps are

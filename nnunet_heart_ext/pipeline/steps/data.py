@@ -2,18 +2,24 @@
 preprocessing, splits_final.json)."""
 import json
 import shutil
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Iterator, List, Optional
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.pipeline import nnunet_outputs
-from nnunet_heart_ext.pipeline.checks import Check, first_problem, mtime, newest
-from nnunet_heart_ext.pipeline.options import PipelineError
-from nnunet_heart_ext.pipeline.steps.base import Action, Job, NotReady, Step, Wave
+from nnunet_heart_ext.pipeline.checks import Check, first_problem, json_problem, mtime, newest, pickle_problem, \
+    segmentation_problem
+from nnunet_heart_ext.pipeline.errors import NotReady, PipelineError
+from nnunet_heart_ext.pipeline.steps.base import Action, Job, Step, Wave
 
 
 class Prepare(Step):
     name = "prepare"
     needs = ()
+
+    def writes(self) -> List[Path]:
+        raw = self.layout.raw
+        return [raw.root, raw.images_tr, raw.labels_tr, raw.images_ts]
 
     def _phantom_check(self) -> Optional[str]:
         if not self.o.phantom:
@@ -76,6 +82,12 @@ class Plan(Step):
     name = "plan"
     needs = ("prepare",)
 
+    def writes(self) -> List[Path]:
+        return [self.layout.preprocessed, self.layout.gt_segmentations]
+
+    def reads(self) -> List[Path]:
+        return [self.layout.raw.root, self.layout.raw.images_tr, self.layout.raw.labels_tr]
+
     def _plans(self) -> nnunet_outputs.Plans:
         plans = nnunet_outputs.read_plans(self.layout.plans_file)
         missing = [c for c in self.o.configs if c not in plans.configurations]
@@ -88,6 +100,9 @@ class Plan(Step):
         raw, layout = self.layout.raw, self.layout
         if not layout.plans_file.is_file():
             return Check(False, f"{layout.plans_file} is missing")
+        problem = json_problem(layout.plans_file)  # nnU-Net writes it in place
+        if problem:
+            return Check(False, f"{layout.plans_file} is {problem}")
         plans = self._plans()
         cases = raw.training_cases()
         for config in self.o.configs:
@@ -99,11 +114,16 @@ class Plan(Step):
                     problems[case] = "not preprocessed"
                 elif mtime(pkl) < newest([raw.image(case), raw.label(case)]):
                     problems[case] = "preprocessed before its raw files changed"
+                elif pickle_problem(pkl):
+                    problems[case] = f"{pkl.name} is {pickle_problem(pkl)}"
             if problems:
                 return Check(False, first_problem(problems, len(cases), folder))
         gt = ds.cases_in(layout.gt_segmentations, ds.RAW_LABEL)
         if sorted(gt) != cases:
             return Check(False, f"{layout.gt_segmentations} does not hold the {len(cases)} training cases")
+        cut = {case: p for case, path in gt.items() for p in [segmentation_problem(path)] if p}
+        if cut:
+            return Check(False, first_problem(cut, len(cases), layout.gt_segmentations))
         return Check(True)
 
     def check(self) -> Check:
@@ -133,7 +153,7 @@ class Plan(Step):
         """nnU-Net's default split, as nnUNetTrainer.do_split makes it (generate_crossval_split of the
         sorted case ids, seed 12345, 5 folds), written before any training: folds started side by
         side (here or as Slurm array tasks on other nodes) then never race to create it."""
-        from nnunet_heart_ext.data.io import write_text
+        from nnunet_heart_ext.data.files import write_text
         from nnunet_heart_ext.pipeline.options import nnunet_split
 
         cases = self.layout.raw.training_cases()

@@ -12,11 +12,11 @@ from typing import Dict, Iterator, List
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.pipeline import nnunet_outputs
-from nnunet_heart_ext.pipeline.checks import Check, first_problem, mtime, newest, segmentation_problem
+from nnunet_heart_ext.pipeline.checks import Check, first_problem, json_problem, mtime, newest, segmentation_problem
 from nnunet_heart_ext.pipeline.context import Context
+from nnunet_heart_ext.pipeline.errors import NotReady, PipelineError
 from nnunet_heart_ext.pipeline.layout import Layout
-from nnunet_heart_ext.pipeline.options import PipelineError
-from nnunet_heart_ext.pipeline.steps.base import Action, Job, NotReady, Step, Wave
+from nnunet_heart_ext.pipeline.steps.base import Action, Job, Step, Wave
 
 
 def chosen_models(layout: Layout) -> List[dict]:
@@ -75,6 +75,15 @@ def postprocessed_problems(layout: Layout) -> Dict[str, str]:
 class Predict(Step):
     name = "predict"
     needs = ("prepare", "train", "best")  # the test images, the trained models, the choice among them
+
+    def writes(self) -> List[Path]:
+        if not self.layout.inference_information.is_file() or json_problem(self.layout.inference_information):
+            return []  # the best step comes first and makes it
+        models = self.models()
+        return [self.layout.final_predictions(models)]
+
+    def reads(self) -> List[Path]:
+        return [self.layout.raw.images_ts]
 
     def models(self, assume: bool = False) -> List[dict]:
         return models_to_predict(self.ctx, assume)
@@ -151,6 +160,14 @@ class Postprocess(Step):
     name = "postprocess"
     needs = ("best", "predict")  # the chosen postprocessing; the final predictions
 
+    def writes(self) -> List[Path]:
+        return [self.layout.postprocessed]
+
+    def reads(self) -> List[Path]:
+        info = self.layout.inference_information
+        return [self.layout.final_predictions(chosen_models(self.layout))] if info.is_file() and \
+            not json_problem(info) else []
+
     def check(self) -> Check:
         if not self.layout.inference_information.is_file():
             return Check(False, f"{self.layout.inference_information} is missing (best first)")
@@ -183,6 +200,12 @@ class Export(Step):
     name = "export"
     needs = ("prepare", "postprocess")  # the test images (their headers); the postprocessed predictions
 
+    def writes(self) -> List[Path]:
+        return [self.layout.submission.parent]
+
+    def reads(self) -> List[Path]:
+        return [self.layout.postprocessed]
+
     def check(self) -> Check:
         pp, out = self.layout.postprocessed, self.layout.submission
         if not out.is_file():
@@ -212,6 +235,9 @@ class Score(Step):
     name = "score"
     needs = ("export",)  # predict.zip (the ground truth is the organizer folder's)
 
+    def writes(self) -> List[Path]:
+        return [self.layout.test_dice.parent]
+
     def ground_truth(self) -> Dict[str, Path]:
         files = ds.find_organizer_files(self.layout.src, self.layout.test_dir)
         if not files.test_labels:
@@ -223,6 +249,8 @@ class Score(Step):
         out, submission = self.layout.test_dice, self.layout.submission
         if not out.is_file():
             return Check(False, f"{out} is missing")
+        if json_problem(out):
+            return Check(False, f"{out} is {json_problem(out)}")
         if not submission.is_file() or mtime(out) < mtime(submission):
             return Check(False, f"{out} is older than {submission}")
         return Check(True, f"{out}")

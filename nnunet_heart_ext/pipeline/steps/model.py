@@ -8,24 +8,37 @@ from typing import Dict, Iterator, List, Optional
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.pipeline import nnunet_outputs
-from nnunet_heart_ext.pipeline.checks import Check, Kind, State, first_problem, mtime, newest, npz_problem, \
-    segmentation_problem
-from nnunet_heart_ext.pipeline.options import PipelineError
-from nnunet_heart_ext.pipeline.steps.base import Job, NotReady, Step, Wave
+from nnunet_heart_ext.pipeline.checks import Check, Kind, State, checkpoint_problem, first_problem, json_problem, \
+    mtime, newest, npz_problem, pickle_problem, segmentation_problem
+from nnunet_heart_ext.pipeline.errors import NotReady, PipelineError
+from nnunet_heart_ext.pipeline.steps.base import Job, Step, Wave
+
+BROKEN = ".broken"  # a checkpoint that cannot be loaded is set aside under its name + this
 
 
-def checkpoint_loads(path: Path) -> Optional[str]:
-    """None if torch can load the checkpoint (one cut short while being saved cannot be continued)."""
-    import torch
-
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001  (any failure to load means: not usable)
-        return f"{type(e).__name__}: {e}"
-    return None
+def fold_lock(config: str, fold: int) -> str:
+    """The lock a fold's training and validation hold (locks.py)."""
+    return f"fold-{config}-{fold}"
 
 
-class Train(Step):
+class FoldStep(Step):
+    """A step run per configuration and fold (train, validate): it holds each fold's lock, and its
+    sweeps of the fold folders are exclusive."""
+    sweep_exclusive = True
+
+    def folds(self) -> List[tuple]:
+        return [(c, f) for c in self.o.configs for f in self.o.folds]
+
+    def locks(self) -> Dict[str, str]:
+        return {fold_lock(c, f): f"{c} fold {f}" for c, f in self.folds()}
+
+    def usable_checkpoints(self, config: str, fold: int) -> List[str]:
+        """The fold's checkpoints that load, in the order nnU-Net's --c takes them (final, latest, best)."""
+        d = self.layout.fold_dir(config, fold)
+        return [c for c in ds.CHECKPOINTS if checkpoint_problem(d / c) is None]
+
+
+class Train(FoldStep):
     name = "train"
     needs = ("plan",)
 
@@ -36,20 +49,27 @@ class Train(Step):
             return True  # nothing to compare with
         return nnunet_outputs.read_plans(trained) == nnunet_outputs.read_plans(current)
 
+    def writes(self) -> List[Path]:
+        return [self.layout.fold_dir(c, f) for c, f in self.folds()]
+
     def fold_state(self, config: str, fold: int) -> State:
         d = self.layout.fold_dir(config, fold)
         final = self.layout.checkpoint(config, fold)
-        if final.is_file():
+        usable = self.usable_checkpoints(config, fold)
+        broken = [(c, checkpoint_problem(d / c)) for c in ds.CHECKPOINTS if (d / c).is_file() and c not in usable]
+        if usable and usable[0] == final.name:
             if not self._plans_match(config):
                 return State(Kind.OTHER_PLANS, f"{final} was trained with other plans than {self.layout.plans_file}")
             return State(Kind.DONE, "trained")
-        present = [c for c in ds.CHECKPOINTS[1:] if (d / c).is_file()]
-        if present:
-            return State(Kind.RESUMABLE, f"{present[0]} (will continue)")
+        why = "; ".join(f"{c} {problem}" for c, problem in broken)
+        if usable:
+            return State(Kind.RESUMABLE, f"{usable[0]} (will continue)" + (f"; {why}" if why else ""))
+        if broken:
+            return State(Kind.NOT_STARTED, f"no usable checkpoint ({why}): will train from the start")
         return State(Kind.NOT_STARTED, "not started")
 
     def todo(self) -> List[tuple]:
-        return [(c, f) for c in self.o.configs for f in self.o.folds if not self.fold_state(c, f).done]
+        return [(c, f) for c, f in self.folds() if not self.fold_state(c, f).done]
 
     def check(self) -> Check:
         if not self.layout.plans_file.is_file():
@@ -60,19 +80,31 @@ class Train(Step):
         return Check(True, f"{len(self.o.configs) * len(self.o.folds)} fold(s) trained")
 
     def job(self, config: str, fold: int, fresh: bool = False) -> Job:
-        d = self.layout.fold_dir(config, fold)
-        cont = not fresh and any((d / c).is_file() for c in ds.CHECKPOINTS)
+        """nnUNetv2_train of one fold; --c when a usable checkpoint is there to continue from
+        (broken ones are set aside before it starts, so nnU-Net's --c takes the first usable one)."""
+        usable = [] if fresh else self.usable_checkpoints(config, fold)
         argv = ["nnUNetv2_train", str(ds.DATASET_ID), config, str(fold), "-tr", self.o.trainer, "-p", self.o.plans,
-                "--npz", "-device", self.o.device] + (["--c"] if cont else [])
-        note = "" if not cont else "continuing from checkpoint_latest.pth" if (d / ds.CHECKPOINTS[1]).is_file() \
-            else "continuing from its last checkpoint"
+                "--npz", "-device", self.o.device] + (["--c"] if usable else [])
+        note = f"continuing from {usable[0]}" if usable else ""
         return Job(f"train_{config}_fold{fold}", argv, self.layout.log(f"train_{config}_fold{fold}"), slot=True,
                    note=note)
+
+    def set_aside_broken(self, config: str, fold: int) -> None:
+        """Rename the fold's checkpoints that cannot be loaded to NAME.broken (nnU-Net's --c would
+        take a cut-short checkpoint_final.pth and fail on it), saying which and what follows."""
+        d = self.layout.fold_dir(config, fold)
+        usable = self.usable_checkpoints(config, fold)
+        for c in ds.CHECKPOINTS:
+            path = d / c
+            if path.is_file() and c not in usable:
+                then = f"continuing from {usable[0]}" if usable else "training from the start"
+                print(f"  {path} {checkpoint_problem(path)}: set aside as {c}{BROKEN}; {then}", flush=True)
+                os.replace(path, path.with_name(c + BROKEN))
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
         if not assume and not self.layout.plans_file.is_file():
             raise NotReady(f"{self.layout.plans_file} missing: run the plan step first")
-        todo = [(c, f) for c in self.o.configs for f in self.o.folds] if forced else self.todo()
+        todo = self.folds() if forced else self.todo()
         for c, f in todo:
             state = self.fold_state(c, f)
             if not forced and state.kind is Kind.OTHER_PLANS:
@@ -83,31 +115,36 @@ class Train(Step):
 
         def before():
             for c, f in todo:
-                d = self.layout.fold_dir(c, f)
                 if forced:
-                    shutil.rmtree(d, ignore_errors=True)
-                latest = d / ds.CHECKPOINTS[1]
-                if latest.is_file():
-                    problem = checkpoint_loads(latest)
-                    if problem:  # cut short while saving: nnU-Net's --c then falls back to checkpoint_best.pth
-                        print(f"  {latest} cannot be loaded ({problem}); set aside as .broken", flush=True)
-                        os.replace(latest, latest.with_name(latest.name + ".broken"))
+                    shutil.rmtree(self.layout.fold_dir(c, f), ignore_errors=True)
+                else:
+                    self.set_aside_broken(c, f)
 
         yield Wave([self.job(c, f, fresh=forced) for c, f in todo], before=before)
 
 
-class Validate(Step):
+class Validate(FoldStep):
     name = "validate"
     needs = ("plan", "train")  # splits_final.json; the fold's final checkpoint
+
+    def writes(self) -> List[Path]:
+        return [self.layout.validation_dir(c, f) for c, f in self.folds()]
+
+    def trained(self, config: str, fold: int) -> bool:
+        return checkpoint_problem(self.layout.checkpoint(config, fold)) is None
 
     def fold_check(self, config: str, fold: int) -> State:
         final = self.layout.checkpoint(config, fold)
         validation = self.layout.validation_dir(config, fold)
         summary = self.layout.validation_summary(config, fold)
-        if not final.is_file():
-            return State(Kind.NOT_TRAINED, "not trained yet (training validates at its end)")
+        if not self.trained(config, fold):
+            return State(Kind.NOT_TRAINED, "not trained yet (training validates at its end)" if not final.is_file()
+                         else f"{final.name} {checkpoint_problem(final)} (the train step continues the fold)")
         if not summary.is_file():
             return State(Kind.MISSING, f"{summary} is missing")
+        problem = json_problem(summary)
+        if problem:
+            return State(Kind.INCOMPLETE, f"{summary} is {problem}")
         if mtime(summary) < mtime(final):
             return State(Kind.STALE, f"{summary} is older than the fold's {ds.CHECKPOINTS[0]}")
         splits_file = self.layout.splits_file
@@ -117,7 +154,8 @@ class Validate(Step):
         problems = {}
         for case in val_cases:
             p = segmentation_problem(validation / ds.PREDICTION.name(case)) or \
-                npz_problem(validation / ds.PROBABILITIES.name(case))
+                npz_problem(validation / ds.PROBABILITIES.name(case)) or \
+                pickle_problem(validation / ds.PROBABILITIES_PROPERTIES.name(case))
             if p:
                 problems[case] = p
         if problems:
@@ -135,7 +173,7 @@ class Validate(Step):
         jobs, untrained = [], []
         for c in self.o.configs:
             for f in self.o.folds:
-                if not self.layout.checkpoint(c, f).is_file():
+                if not self.trained(c, f):
                     untrained.append(f"{c} fold {f}")
                     continue
                 if forced or not self.fold_check(c, f).done:
@@ -174,6 +212,9 @@ class Best(Step):
     name = "best"
     needs = ("validate",)  # every fold's validation summary
 
+    def writes(self) -> List[Path]:
+        return [self.layout.results]
+
     def model_dirs(self) -> List[Path]:
         return [self.layout.model_dir(c) for c in self.o.configs]
 
@@ -184,14 +225,18 @@ class Best(Step):
         info_file = self.layout.inference_information
         if not info_file.is_file():
             return Check(False, f"{info_file} is missing")
+        problem = json_problem(info_file)  # nnU-Net writes it in place: a kill can cut it short
+        if problem:
+            return Check(False, f"{info_file} is {problem}")
         info = nnunet_outputs.read_inference_information(info_file)
         considered = sorted(info.considered)
         if considered != sorted(d.name for d in self.model_dirs()):
             return Check(False, f"{info_file} compared other models: {', '.join(considered)}")
         if info.folds != list(self.o.folds):
             return Check(False, f"{info_file} used folds {info.folds}")
-        if not info.postprocessing_file.is_file():
-            return Check(False, f"{info.postprocessing_file} is missing")
+        problem = pickle_problem(info.postprocessing_file)
+        if problem:
+            return Check(False, f"{info.postprocessing_file} is {problem}")
         if mtime(info_file) < newest(self.summaries()):
             return Check(False, f"{info_file} is older than a fold's validation")
         return Check(True, "best: " + " + ".join(m["configuration"] for m in info.selected))
