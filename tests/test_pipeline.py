@@ -208,7 +208,10 @@ def test_rerun_finds_every_step_done_in_process(runs):
 @pytest.mark.slow
 def test_done_checks_start_no_process(runs, setup, monkeypatch, capsys):
     """--status and a rerun with every step done, in this process, with process creation disabled:
-    the "is it done" checks are plain file reads."""
+    the "is it done" checks are plain file reads (torch.load of the checkpoints included: torch is
+    imported first, since its import asks ldconfig for the CUDA libraries)."""
+    import torch  # noqa: F401
+
     from nnunet_heart_ext.pipeline import main
 
     def no_process(*args, **kwargs):
@@ -736,3 +739,155 @@ def test_best_refuses_folds_whose_validation_lacks_a_label(tmp_path):
     write(1, [(0.9, 0.6, 0.0)])  # predicted calcium where there is none: Dice 0, a number
     assert labels_without_validation_dice([a, b]) == []
     assert next(best.waves(False)).items[0].argv[0] == "nnUNetv2_find_best_configuration"
+
+
+# ----------------------------------------------------------------------------- faults (issue 31)
+def _copy_work(runs, work: Path, folders=("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions")):
+    for folder in folders:
+        shutil.copytree(runs["work"] / folder, work / folder, symlinks=True)
+
+
+@pytest.mark.slow
+def test_leftovers_of_killed_writers_are_swept_where_nnunet_lists(runs, setup, tmp_path):
+    """Temporaries of killed writers in every folder nnU-Net lists: an earlier version's (beside the
+    outputs, where nnU-Net takes them for cases and plan/postprocess fail) and this version's (in
+    the hidden partial folder). The run removes them, saying so, and plan and postprocess (forced)
+    run nnU-Net's commands on those folders without a manual step."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from nnunet_heart_ext.data.files import PARTIAL_DIR, _HOST
+
+    work = tmp_path / "work"
+    _copy_work(runs, work)
+    raw = work / "nnUNet_raw" / "Dataset100_Heart"
+    model_predictions = work / "predictions" / f"{TRAINER}_HeartDemoPlans_3d_fullres"
+    planted = {raw / "imagesTr": ".tmp-0123456789ab-patient0001_0000.nii.gz",
+               raw / "labelsTr": ".tmp-0123456789ab-patient0001.nii.gz",
+               raw / "imagesTs": ".tmp-0123456789ab-patient0006_0000.nii.gz",
+               model_predictions: ".tmp-0123456789ab-patient0006.nii.gz",
+               work / "predictions" / "postprocessed": ".tmp-0123456789ab-patient0007.nii.gz"}
+    for folder, name in planted.items():
+        (folder / name).write_bytes(b"\x1f\x8b\x08")  # a gzip stream cut short
+    (raw / "imagesTr" / PARTIAL_DIR).mkdir()  # this version's, of a writer that is gone
+    (raw / "imagesTr" / PARTIAL_DIR / f"{_HOST}~{2 ** 22 + 4321}~0badc0de~patient0002_0000.nii.gz").write_bytes(b"x")
+    listed = [Path(x[0]).name for x in create_lists_from_splitted_dataset_folder(str(raw / "imagesTs"), ".nii.gz")]
+    assert planted[raw / "imagesTs"] in listed  # what made every rerun fail before
+    p = _run(setup, "--work", str(work), "--folds", FOLDS, "--only", "prepare,plan,postprocess,export",
+             "--force", "plan")
+    for folder, name in planted.items():
+        assert not (folder / name).exists(), folder
+        assert f"leftover file(s) of killed writers in {folder}" in p.stdout, folder
+    assert not (raw / "imagesTr" / PARTIAL_DIR).exists()
+    assert "$ nnUNetv2_plan_and_preprocess" in p.stdout and "$ nnUNetv2_apply_postprocessing" in p.stdout
+    _check_zip(work / "predict.zip", setup["src"] / "testing_image")
+
+
+@pytest.mark.slow
+def test_cut_short_checkpoints_continue_from_a_usable_one_or_retrain(runs, setup, tmp_path):
+    """Fold 0's checkpoint_final.pth cut short (a kill while nnU-Net wrote it in place): not
+    trained, it continues from its usable checkpoint_best.pth; fold 1 with every checkpoint cut
+    short trains from the start. Each broken file is set aside with a line naming it."""
+    from nnunet_heart_ext.data.files import PARTIAL_DIR
+
+    work = tmp_path / "work"
+    _copy_work(runs, work, ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+    leftover = _fold_dir(work, 0) / PARTIAL_DIR / "othernode~77~0badc0de~checkpoint_latest.pth"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"PK")  # a save cut short on another machine: the fold's lock says it is ours to remove
+    for fold in (0, 1):
+        for c in _fold_dir(work, fold).glob("checkpoint_*.pth"):
+            if fold == 1 or c.name == "checkpoint_final.pth":
+                c.write_bytes(c.read_bytes()[:c.stat().st_size // 2])
+    args = ("--work", str(work), "--folds", "0,1", "--parallel", "2", "--only", "train,validate")
+    status = _run(setup, *args, "--status").stdout
+    assert "train        to do  3d_fullres fold 0: checkpoint_best.pth (will continue); checkpoint_final.pth cut " \
+           "short" in status
+    assert "fold 1: no usable checkpoint" in status and "will train from the start" in status
+    p = _run(setup, *args)
+    fold0, fold1 = _fold_dir(work, 0), _fold_dir(work, 1)
+    assert not leftover.parent.exists() and f"leftover file(s) of killed writers in {fold0}" in p.stdout
+    assert f"{fold0 / 'checkpoint_final.pth'} cut short" in p.stdout
+    assert "set aside as checkpoint_final.pth.broken; continuing from checkpoint_best.pth" in p.stdout
+    assert "set aside as checkpoint_best.pth.broken; training from the start" in p.stdout
+    assert "train_3d_fullres_fold0: continuing from checkpoint_best.pth" in p.stdout
+    log0 = (work / "logs" / "train_3d_fullres_fold0.log").read_text().split("=== ")[-1]
+    log1 = (work / "logs" / "train_3d_fullres_fold1.log").read_text().split("=== ")[-1]
+    assert "--c" in log0.splitlines()[0] and "Epoch 0\n" not in log0
+    assert "--c" not in log1.splitlines()[0] and "Epoch 0\n" in log1
+    from nnunet_heart_ext.pipeline.checks import checkpoint_problem
+
+    for fold in (fold0, fold1):
+        assert checkpoint_problem(fold / "checkpoint_final.pth") is None
+        assert (fold / "validation" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_work_folder_is_refused(runs, setup, tmp_path):
+    """While a run holds the work folder (here: this test, as the first run would), a second run
+    stops at once with exit 75 naming the holder, and touches nothing; --status and --dry-run still
+    work. Once the holder is killed, the next run takes the lock over with a line."""
+    from nnunet_heart_ext.pipeline.locks import Lock
+
+    work = tmp_path / "work"
+    _copy_work(runs, work)
+    lock_file = work / "locks" / "pipeline.lock"
+    holder = Lock(lock_file, "the work folder").acquire(say=lambda m: None)
+    try:
+        before = sorted(str(p) for p in work.rglob("*"))
+        p = _run(setup, "--work", str(work), "--folds", FOLDS, check=False)
+        assert p.returncode == 75, p.stderr
+        assert f"error: the work folder {work} is held by another run (pid {os.getpid()} on " in p.stderr
+        assert "wait for it to finish or stop it" in p.stderr.lower() and "--status and --dry-run work" in p.stderr
+        assert sorted(str(q) for q in work.rglob("*")) == before
+        assert _run(setup, "--work", str(work), "--folds", FOLDS, "--status").returncode == 0
+        assert _run(setup, "--work", str(work), "--folds", FOLDS, "--dry-run").returncode == 0
+    finally:
+        holder.release()
+    holder_info = json.dumps(dict(pid=2 ** 22 + 999, host=os.uname().nodename, started=time.time() - 60,
+                                  command="nnunet-heart pipeline (killed)"))
+    lock_file.write_text(holder_info)  # a holder killed while it held the lock
+    p = _run(setup, "--work", str(work), "--folds", FOLDS)
+    assert f"the work folder {work}: its holder (pid {2 ** 22 + 999}" in p.stdout and "lock taken over" in p.stdout
+    assert "export: already done" in p.stdout
+
+
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_or_read_only_output_stops_with_one_line_and_keeps_the_previous_zip(runs, setup, tmp_path):
+    """--out on a read-only file system: the export step stops before running anything, one line
+    naming the folder; on a full file system: the export job fails, the pipeline says the disk is
+    full with the free space, and the previous predict.zip is left as it was. (Real tmpfs mounts;
+    tests/test_crash_safety.py simulates the errors where mounting is not allowed.)"""
+    work, ro, full = tmp_path / "work", tmp_path / "ro", tmp_path / "full"
+    if not (_mount_tmpfs(ro, "size=64k,ro") and _mount_tmpfs(full, "size=64k")):
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+        pytest.skip("needs tmpfs mounts (root with CAP_SYS_ADMIN); the errors are simulated in test_crash_safety.py")
+    try:
+        _copy_work(runs, work)
+        p = _run(setup, "--work", str(work), "--folds", FOLDS, "--out", str(ro / "predict.zip"), check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot create files in {ro}: Read-only file "
+                                                            f"system (EROFS); ")
+        (full / "predict.zip").write_bytes(b"the previous submission")
+        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 1024):
+                pass
+        except OSError:  # full
+            pass
+        finally:
+            os.close(fd)
+        p = _run(setup, "--work", str(work), "--folds", FOLDS, "--out", str(full / "predict.zip"), check=False)
+        assert p.returncode == 1 and "nnunet-heart export: error: cannot write" in p.stderr
+        assert f"error: export failed (exit 1): its log says the disk is full or a folder is not writable " \
+               f"(0.00 GiB free for {full})" in p.stderr
+        assert (full / "predict.zip").read_bytes() == b"the previous submission"
+        assert not list(full.glob(".*")) and sorted(q.name for q in full.iterdir()) == ["filler", "predict.zip"]
+    finally:
+        for m in (ro, full):
+            subprocess.run(["umount", "-l", str(m)], capture_output=True)

@@ -207,3 +207,85 @@ def test_failed_fold_is_reported_with_its_log_and_dependents_are_cancelled(demo,
         assert not (work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").exists()
     finally:
         cluster.cancel_all()
+
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# the real sbatch, then the submitter is killed before it can record the job's id
+out=$({real} "$@") || exit $?
+echo "$out"
+kill -9 $PPID
+"""
+
+
+def _train_args(setup, work, trainer="PipelineSlowFold1Trainer"):
+    return cpu_args(setup["src"], trainer) + ["--work", str(work), "--folds", "1", "--launcher", "slurm",
+                                              "--only", "prepare,plan,train"]
+
+
+def test_a_submitter_killed_after_sbatch_never_makes_a_fold_train_twice(demo, cluster, setup, tmp_path):
+    """The submitter is killed right after sbatch answered, before it recorded the job's id. Its
+    record (written before sbatch, under the job's unique name) lets the rerun find the job in the
+    queue: it is not submitted again, the rerun follows it to its end, and the fold trains once."""
+    work = setup["root"] / "killed_submitter"
+    _prepared_copy(demo["work"], work)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(FAKE_SBATCH.format(real=shutil.which("sbatch", path=setup["env"]["PATH"])))
+    (fake / "sbatch").chmod(0o755)
+    # the fold trains for ~20 s: still queued or running when the rerun looks, a few seconds later
+    args = _train_args(setup, work, trainer="PipelineTestTrainer")
+    killed = subprocess.run(args, env=dict(setup["env"], PATH=f"{fake}:{setup['env']['PATH']}"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0  # killed (bash reports 137)
+    (record,) = _records(work)
+    assert record["key"] == "train:3d_fullres:1" and record["job"] is None and record["name"].startswith("heart-train-")
+    live = {j: s for j, s in cluster.jobs().items()}
+    assert len(live) == 1, live  # the job sbatch submitted runs (or waits to)
+    (job,) = live
+    try:
+        again = _run(setup, args + ["--wait"])
+        assert f"train:3d_fullres:1: found job {job} ({record['name']}) in the queue" in again.stdout
+        assert "not submitted again" in again.stdout and "submitted job" not in again.stdout
+        assert f"job {job} (train:3d_fullres:1) ended: COMPLETED" in again.stdout
+        (record,) = _records(work)
+        assert record["job"] == job
+        assert [j.get("Name") for j in cluster.finished()].count(record["name"]) == 1
+        log = (work / "logs" / "train_3d_fullres_fold1.log").read_text()
+        assert log.count("=== ") == 1 and "Training done." in log
+    finally:
+        cluster.cancel_all()
+
+
+def test_a_requeued_training_job_continues_from_its_checkpoint(demo, cluster, setup):
+    """`scontrol requeue` (what preemption with requeue does) of a fold's job mid-training: Slurm
+    stops it (SIGTERM: the pipeline in the job stops its trainer) and runs it again; the fold
+    continues from its checkpoint, and the submission is the same one (never submitted twice)."""
+    work = setup["root"] / "requeue"
+    _prepared_copy(demo["work"], work)
+    args = _train_args(setup, work)
+    try:
+        _run(setup, args)
+        (record,) = _records(work)
+        log = work / "logs" / "train_3d_fullres_fold1.log"
+        deadline = time.time() + 600
+        while not (log.is_file() and "Epoch 2" in log.read_text()):
+            assert time.time() < deadline, "the fold did not reach epoch 2"
+            time.sleep(0.5)
+        cluster._run("scontrol", "requeue", record["job"])
+        deadline = time.time() + 60
+        while cluster.jobs().get(record["job"]) != "PENDING":
+            assert time.time() < deadline, cluster.jobs()
+            time.sleep(0.3)
+        cluster._run("scontrol", "update", f"JobId={record['job']}", "StartTime=now")  # Slurm delays a requeue 2 min
+        done = _run(setup, args + ["--wait"])
+        assert "not submitted again" in done.stdout and f"job {record['job']} (train:3d_fullres:1) ended: COMPLETED" \
+            in done.stdout
+        assert len(_records(work)) == 1
+        runs = log.read_text().split("=== ")[1:]
+        assert len(runs) == 2 and "--c" in runs[1].splitlines()[0]
+        assert "Epoch 0\n" not in runs[1] and "Epoch 11" in runs[1] and "Training done." in runs[1]
+        slurm_log = Path(record["log"]).read_text()  # appended to: both runs of the job
+        assert slurm_log.count("step train") == 2 and "stopped by SIGTERM" in slurm_log
+        assert cluster.job(record["job"]).get("Restarts") == "1"
+    finally:
+        cluster.cancel_all()

@@ -9,7 +9,8 @@ checkpoints, JSON files and pickles in place. Each check is cheap and reads as l
   checkpoint     the archive's directory, then torch.load(mmap=True): the pickle is read, the
                  tensors only mapped (a cut-short file has no directory; one whose tensors were
                  not all written fails to map)
-  JSON, pickle   parsed whole (they are small)
+  JSON           parsed whole (small files)
+  pickle         its opcodes walked to the final STOP (nothing unpickled, nothing imported)
 and a file older than its inputs is stale (make's rule).
 
 Everything here only reads: nothing is deleted or written while checking.
@@ -17,7 +18,7 @@ Everything here only reads: nothing is deleted or written while checking.
 import enum
 import json
 import os
-import pickle
+import pickletools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +101,19 @@ def json_problem(path: Path) -> Optional[str]:
 
 
 def pickle_problem(path: Path) -> Optional[str]:
-    """Why `path` is not a readable pickle (None if it is). Only the pipeline's own outputs and
-    nnU-Net's are read this way (postprocessing.pkl, the export's and preprocessing's .pkl)."""
+    """Why `path` is not a whole pickle (None if it is): its opcodes are walked to the STOP that
+    ends a pickle, without unpickling (no import of what it names, no code run)."""
     if not Path(path).is_file():
         return "missing"
+    last = None
     try:
         with open(path, "rb") as f:
-            pickle.load(f)  # noqa: S301  (nnU-Net's own files, which nnU-Net itself unpickles)
-    except Exception as e:  # noqa: BLE001  (a cut-short pickle fails in many ways)
-        return f"cut short or not a pickle ({type(e).__name__})"
+            for opcode, _, _ in pickletools.genops(f):
+                last = opcode.name
+    except (OSError, ValueError, EOFError) as e:
+        return f"cut short or not a pickle ({type(e).__name__}: {e})"
+    if last != "STOP":
+        return "cut short or not a pickle (no STOP)"
     return None
 
 
