@@ -127,6 +127,71 @@ def test_the_checker_finds_violations():
     assert layer_of("nnunet_heart_ext.planners") == "unknown (planners)"  # a module left at the old place
 
 
+def import_graph(sources: dict) -> dict:
+    """module -> the package's modules it imports (lazy imports included). `from a import b` is an
+    edge to a.b when that is a module, and to the package a only for names that are not modules
+    (importing a submodule runs the package's __init__, but not the functions it defines)."""
+    graph = {name: set() for name in sources}
+    for name, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name in sources)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in sources]
+                graph[name].update(modules)
+                if len(modules) < len(node.names) and node.module in sources:
+                    graph[name].add(node.module)
+        graph[name].discard(name)
+    return graph
+
+
+def cycles(graph: dict) -> list:
+    """The groups of modules that import one another, directly or through others (Tarjan's
+    strongly connected components of more than one module)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_modules_import_one_another():
+    """No import cycle between modules, inside a layer or across layers, lazy imports included."""
+    graph = import_graph({name: path.read_text() for name, path in package_modules()})
+    assert not cycles(graph), cycles(graph)
+
+
+def test_the_cycle_checker_finds_cycles():
+    sources = {"p": "", "p.a": "from p import b", "p.b": "def f():\n    import p.c", "p.c": "from p.a import x",
+               "p.d": "from p import a"}
+    assert cycles(import_graph(sources)) == [["p.a", "p.b", "p.c"]]
+    sources["p.c"] = "import os"
+    assert cycles(import_graph(sources)) == []
+    assert cycles(import_graph({"p": "def main():\n    from p import a", "p.a": "from p import b", "p.b": ""})) == []
+
+
 def _module_exists(name: str) -> bool:
     path = ROOT.joinpath(*name.split("."))
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()

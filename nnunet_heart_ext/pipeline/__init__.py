@@ -10,7 +10,8 @@ with nnU-Net's official commands, resumable, here or on Slurm.
     steps/             each step: its official commands, "done, or why not", the steps it needs
                        (base.py; data.py: prepare, plan; model.py: train, validate, best;
                        inference.py: predict, postprocess, export, score)
-    launchers.py       the Launcher interface, the run's slots, picking one, the dry run's listing
+    launcher.py        the Launcher interface, the dry run's listing
+    launchers.py       the run's slots, picking a launcher
     local.py           LocalLauncher: here (GPU slots, CPU parallel)
     slurm_launcher.py  SlurmLauncher: the steps as Slurm jobs (arrays, afterok, cancel, follow)
     slurm.py           the Slurm client (sbatch, squeue, sacct, ...; WORK/slurm/jobs.json)

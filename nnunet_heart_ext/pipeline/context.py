@@ -21,7 +21,7 @@ class Context:
         env = dict(os.environ)
         env.update(nnUNet_raw=str(self.layout.raw_root), nnUNet_preprocessed=str(self.layout.preprocessed_root),
                    nnUNet_results=str(self.layout.results_root), PYTHONUNBUFFERED="1")
-        if self.o.device == "cpu":
+        if not self.o.device.gpu:
             env.setdefault("nnUNet_n_proc_DA", "1")
             env.setdefault("nnUNet_def_n_proc", "2")
         return env

@@ -42,24 +42,27 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def group_members() -> list:
-    """The other processes of this process group (Linux: from /proc)."""
-    me, group, out = os.getpid(), os.getpgrp(), []
+def processes():
+    """(pid, state, parent pid, process group) of every process (Linux: from /proc; none elsewhere)."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return out
+        return
     for name in names:
-        if not name.isdigit() or int(name) == me:
+        if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            yield int(name), fields[0], int(fields[1]), int(fields[2])
+        except (OSError, IndexError, ValueError):
             continue
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == group:
-            out.append(int(name))
-    return out
+
+
+def group_members(group: int = None) -> list:
+    """The live processes of process group `group` (default: this one), this process aside."""
+    me, group = os.getpid(), os.getpgrp() if group is None else group
+    return [pid for pid, state, _, pgrp in processes() if pgrp == group and pid != me and state != "Z"]
 
 
 def _signal(pids, sig) -> None:

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 from nnunet_heart_ext.data.files import ensure_writable, free_bytes, sweep
 from nnunet_heart_ext.pipeline import processes, report
 from nnunet_heart_ext.pipeline.errors import PipelineError
-from nnunet_heart_ext.pipeline.launchers import Launcher, print_commands
+from nnunet_heart_ext.pipeline.launcher import Launcher, print_commands
 from nnunet_heart_ext.pipeline.locks import Lock, held
 from nnunet_heart_ext.pipeline.options import Options
 from nnunet_heart_ext.pipeline.processes import Running
@@ -44,7 +44,7 @@ OFFICIAL_COMMANDS = ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train", "nnUNetv2
 def resolve_slots(o: Options, strict: bool = True) -> List[str]:
     """CPU slots cpu0..N-1, or GPU ids (from --gpus, else CUDA_VISIBLE_DEVICES, else every GPU
     torch sees). Not strict (dry run, status): no GPU check, one placeholder slot."""
-    if o.device == "cpu":
+    if not o.device.gpu:
         return [f"cpu{i}" for i in range(o.parallel)]
     try:
         import torch
@@ -155,7 +155,7 @@ class LocalLauncher(Launcher):
         print(f"# dry run: nothing is run or written. work: {o.work}; nnUNet_raw={o.raw} "
               f"nnUNet_preprocessed={o.preprocessed} nnUNet_results={o.results}")
         print(f"# these commands run with nnUNet_raw, nnUNet_preprocessed, nnUNet_results set as above"
-              + ("; nnUNet_n_proc_DA and nnUNet_def_n_proc default to 1 and 2" if o.device == "cpu" else ""))
+              + ("; nnUNet_n_proc_DA and nnUNet_def_n_proc default to 1 and 2" if not o.device.gpu else ""))
         print_commands(steps, o, self.slots)
         return 0
 
@@ -177,7 +177,7 @@ class LocalLauncher(Launcher):
 
     def _start(self, job: Job, slot: Optional[str]) -> Running:
         env = self.ctx.env()
-        if slot is not None and self.o.device == "cuda":
+        if slot is not None and self.o.device.gpu:
             env["CUDA_VISIBLE_DEVICES"] = slot
         return processes.start(job, slot, env, fds=held(self._held))
 

@@ -1,5 +1,6 @@
 """Reading the JSON files nnU-Net's commands write: the plans, splits_final.json, a validation's
-summary.json (and the demo's test score, the same format) and inference_information.json.
+summary.json (and the demo's test score, the same format) and inference_information.json; and the
+split nnU-Net's trainer writes when splits_final.json is missing (`nnunet_split`).
 
 One reader per file, each giving what the pipeline uses of it. A file that cannot be read (cut
 short, not JSON) or lacks what nnU-Net puts in it raises a PipelineError that names the file, so
@@ -64,6 +65,17 @@ def read_plans(path: Path) -> Plans:
 
 
 # ----------------------------------------------------------------------------- splits_final.json
+SPLIT_SEED, N_FOLDS = 12345, 5  # nnUNetTrainer.do_split's default split
+
+
+def nnunet_split(cases: List[str]) -> List[dict]:
+    """nnU-Net's default 5-fold split of these training cases, as nnUNetTrainer.do_split makes it when
+    splits_final.json is missing (generate_crossval_split of the sorted ids, seed 12345)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    return generate_crossval_split(sorted(cases), seed=SPLIT_SEED, n_splits=N_FOLDS)
+
+
 def read_splits(path: Path) -> List[Dict[str, List[str]]]:
     """Each fold's {"train": [...], "val": [...]} case ids."""
     splits = _read(path, "the split")

@@ -3,15 +3,15 @@
 Each option is stated once, as an `Opt`: its flag, its --help rows, its environment variable,
 its default and the demo's, and whether a Slurm job is told it; options.py makes the parser,
 `parse`'s defaults and `command_line` from the same records. The defaults shown and used
-(`WORK_DEFAULT`, `SUBMISSION`, `DEMO`) live here with them.
+(`WORK_DEFAULT`, `SUBMISSION`) live here with them; the demo's, in demo.py.
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple, Union
 
-WORK_DEFAULT, DEMO_WORK_DEFAULT = "nnunet_data", "nnunet_demo"
+from nnunet_heart_ext.pipeline.demo import DEMO, DEMO_WORK_DEFAULT
+
+WORK_DEFAULT = "nnunet_data"
 SUBMISSION = "predict.zip"
-DEMO = dict(n_train=24, n_test=4, folds="0", parallel=1, planner="HeartDemoPlanner", plans="HeartDemoPlans",
-            trainer="HeartTrainer_demo")
 
 _USAGE_HEAD = """\
 Usage: bash ensemble_pipeline.sh --src DIR [options]        (the same as: nnunet-heart pipeline ...)

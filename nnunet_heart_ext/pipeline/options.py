@@ -6,6 +6,7 @@ resolving paths. The options themselves (flags, --help, environment variables, d
 Slurm job is told) are the table in option_table.py; the parser and `command_line` are made from it.
 """
 import argparse
+import enum
 import os
 import re
 import shlex
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from nnunet_heart_ext.pipeline.errors import PipelineError  # noqa: F401  (re-exported: what options raise)
-from nnunet_heart_ext.pipeline.option_table import DEMO, DEMO_WORK_DEFAULT, OPT, OPTIONS, SUBMISSION, USAGE, \
-    WORK_DEFAULT
+from nnunet_heart_ext.pipeline.demo import DEMO, DEMO_WORK_DEFAULT, demo_fold  # noqa: F401  (DEMO: re-exported)
+from nnunet_heart_ext.pipeline.option_table import OPT, OPTIONS, SUBMISSION, USAGE, WORK_DEFAULT
 
 STEPS = ("prepare", "plan", "train", "validate", "best", "predict", "postprocess", "export", "score")
 LAUNCHERS = ("local", "slurm")
@@ -24,69 +25,69 @@ LAUNCHERS = ("local", "slurm")
 # the pipeline's own folders and files in its work folder (WORK_DEFAULT, SUBMISSION: option_table.py)
 LOGS, PREDICTIONS, PHANTOM, SLURM = "logs", "predictions", "phantom", "slurm"
 TEST_DICE = "test_dice.json"
-SPLIT_SEED, N_FOLDS = 12345, 5  # nnUNetTrainer.do_split's default split
 
 
-def nnunet_split(cases: List[str]) -> List[dict]:
-    """nnU-Net's default 5-fold split of these training cases, as nnUNetTrainer.do_split makes it when
-    splits_final.json is missing (generate_crossval_split of the sorted ids, seed 12345)."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
+class Device(str, enum.Enum):
+    """Where nnU-Net's commands run (their -device): parsed once from --device, asked everywhere
+    else; `nnunet-heart predict-ensemble` accepts the same."""
+    CUDA = "cuda"
+    CPU = "cpu"
 
-    return generate_crossval_split(sorted(cases), seed=SPLIT_SEED, n_splits=N_FOLDS)
+    @property
+    def gpu(self) -> bool:
+        return self is Device.CUDA
 
+    @classmethod
+    def parse(cls, value: str, what: str = "--device") -> "Device":
+        try:
+            return cls(value)
+        except ValueError:
+            raise PipelineError(f"{what} must be {' or '.join(d.value for d in cls)}, not '{value}'") from None
 
-def demo_fold(seed: int) -> int:
-    """The fold the demo trains: of nnU-Net's default split of the phantom's training cases, the one
-    that trains on the most calcified cases while its validation still holds one (ties: the lowest
-    fold). nnUNetv2_find_best_configuration ranks models by the mean foreground Dice of the
-    validation cases; a label absent from all of them makes that mean NaN and the command fails
-    (IndexError). Calcium is what the fewest cases hold: the first fold with a calcified validation
-    case trained on a single calcified case on some seeds, and its calcium did not generalise."""
-    from nnunet_heart_ext.data import dataset as ds
-    from nnunet_heart_ext.data.phantom import calcified_training_cases
+    def __str__(self) -> str:
+        return self.value
 
-    calcified = set(calcified_training_cases(DEMO["n_train"], DEMO["n_test"], seed))
-    cases = [ds.case_id(i) for i in range(1, DEMO["n_train"] + 1)]
-    best, most = int(DEMO["folds"]), -1
-    for fold, split in enumerate(nnunet_split(cases)):
-        trained = len(calcified & {str(c) for c in split["train"]})
-        if calcified & {str(c) for c in split["val"]} and trained > most:
-            best, most = fold, trained
-    return best
+    __format__ = str.__format__
 
 
 @dataclass
 class Options:
+    """The user's settings, every value filled in and checked by `parse` (defaults: the option
+    table, option_table.py; none is written here)."""
     src: Optional[Path] = None
     test_dir: Optional[Path] = None
-    work: Path = None
-    raw: Path = None
-    preprocessed: Path = None
-    results: Path = None
-    out: Path = None
+    work: Optional[Path] = None
+    raw: Optional[Path] = None
+    preprocessed: Optional[Path] = None
+    results: Optional[Path] = None
+    out: Optional[Path] = None
     configs: List[str] = field(default_factory=list)
     folds: List[int] = field(default_factory=list)
-    trainer: str = "HeartTrainer"
-    planner: str = "HeartPlanner"
-    plans: str = "HeartPlans"
-    device: str = "cuda"
+    trainer: Optional[str] = None
+    planner: Optional[str] = None
+    plans: Optional[str] = None
+    device: Optional[Device] = None
     gpus: Optional[List[str]] = None
-    parallel: int = 1
-    checkpoint: str = "checkpoint_final.pth"
+    parallel: Optional[int] = None
+    checkpoint: Optional[str] = None
     no_tta: bool = False
     only: List[str] = field(default_factory=list)
     force_from: Optional[str] = None  # the earliest step named by --force
     skip_disk_check: bool = False
     demo: bool = False
-    seed: int = 0
+    seed: Optional[int] = None
     phantom: bool = False  # the demo writes its own phantom into src
-    launcher: str = "local"
+    launcher: Optional[str] = None
     slurm_args: List[str] = field(default_factory=list)
     wait: bool = False
     slurm_job: Optional[str] = None  # set in a Slurm job's command line: the unit it runs (locks.py)
     dry_run: bool = False
     status: bool = False
     json: bool = False
+
+    def __post_init__(self):
+        if self.device is not None and not isinstance(self.device, Device):
+            self.device = Device.parse(self.device)  # dataclasses.replace(o, device="cuda") stays typed
 
     # ------------------------------------------------------------------ derived (paths: layout.py)
     def steps(self) -> List[str]:
@@ -192,9 +193,7 @@ def parse(argv: Optional[List[str]] = None, cwd: Optional[Path] = None) -> Optio
     o.trainer = _value(a, "trainer", o.demo)
     o.planner = _value(a, "planner", o.demo)
     o.plans = _value(a, "plans", o.demo)
-    o.device = _value(a, "device", o.demo)
-    if o.device not in ("cuda", "cpu"):
-        raise PipelineError(f"--device must be cuda or cpu, not '{o.device}'")
+    o.device = Device.parse(_value(a, "device", o.demo))
     gpus = _flag_or_env(a, "gpus")
     o.gpus = _csv(gpus) if gpus else None
     parallel = _value(a, "parallel", o.demo)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from nnunet_heart_ext.data.files import append_line
+from nnunet_heart_ext.pipeline import guard
 from nnunet_heart_ext.pipeline.steps import Job
 from nnunet_heart_ext.pipeline.terminal import LogWriter, note
 
@@ -47,15 +48,8 @@ def _pump(stream, writer: LogWriter):
 
 def _children() -> Dict[int, List[int]]:
     tree: Dict[int, List[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(ppid, []).append(int(name))
+    for pid, _, ppid, _ in guard.processes():
+        tree.setdefault(ppid, []).append(pid)
     return tree
 
 
@@ -82,17 +76,7 @@ def group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return not os.path.isdir("/proc")
+    return bool(guard.group_members(pgid)) if os.path.isdir("/proc") else True
 
 
 @dataclass

@@ -194,7 +194,7 @@ class Slurm:
             argv.append(f"--array=0-{len(commands) - 1}")
         if unit.gpu:
             argv.append("--requeue")  # preempted or requeued: it runs again and continues from its checkpoint
-            if self.o.device == "cuda":
+            if self.o.device.gpu:
                 argv.append("--gres=gpu:1")
         if after:
             argv += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 from nnunet_heart_ext.pipeline import report
 from nnunet_heart_ext.pipeline.errors import PipelineError
-from nnunet_heart_ext.pipeline.launchers import Launcher, print_commands
+from nnunet_heart_ext.pipeline.launcher import Launcher, print_commands
 from nnunet_heart_ext.pipeline.options import command_line
 from nnunet_heart_ext.pipeline.slurm import FAILED_STATES, NEVER, Slurm, Submission, Unit, fold_key
 from nnunet_heart_ext.pipeline.steps import Context, Step

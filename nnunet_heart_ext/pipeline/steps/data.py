@@ -26,7 +26,8 @@ class Prepare(Step):
             return None
         from nnunet_heart_ext.data.phantom import phantom_differs
 
-        from nnunet_heart_ext.pipeline.options import DEMO
+        from nnunet_heart_ext.pipeline.demo import DEMO
+
         return phantom_differs(self.layout.src, DEMO["n_train"], DEMO["n_test"], self.o.seed)
 
     def check(self) -> Check:
@@ -44,7 +45,7 @@ class Prepare(Step):
         return Check(reason is None, reason or f"{raw.root} matches {self.layout.src}")
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
-        from nnunet_heart_ext.pipeline.options import DEMO
+        from nnunet_heart_ext.pipeline.demo import DEMO
 
         src = self.layout.src
         if src is None:
@@ -154,12 +155,10 @@ class Plan(Step):
         sorted case ids, seed 12345, 5 folds), written before any training: folds started side by
         side (here or as Slurm array tasks on other nodes) then never race to create it."""
         from nnunet_heart_ext.data.files import write_text
-        from nnunet_heart_ext.pipeline.options import nnunet_split
-
         cases = self.layout.raw.training_cases()
-        if len(cases) < 5:
+        if len(cases) < nnunet_outputs.N_FOLDS:
             return  # nnU-Net's trainer will say what is wrong
-        splits = nnunet_split(cases)
+        splits = nnunet_outputs.nnunet_split(cases)
         write_text(json.dumps(splits, indent=4), self.layout.splits_file)
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:

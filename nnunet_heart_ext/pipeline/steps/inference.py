@@ -111,7 +111,7 @@ class Predict(Step):
             yield self._ensemble_wave(models, forced, "" if chosen else "# only if the best is an ensemble")
 
     def _tail(self) -> List[str]:
-        return ["-f", *map(str, self.o.folds), "-chk", self.o.checkpoint, "-device", self.o.device]
+        return ["-f", *map(str, self.o.folds), "-chk", self.o.checkpoint, "-device", self.o.device.value]
 
     def _model_wave(self, m: dict, forced: bool, comment: str) -> Wave:
         parts = max(1, len(self.ctx.slots))

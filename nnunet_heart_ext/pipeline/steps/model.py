@@ -84,7 +84,7 @@ class Train(FoldStep):
         (broken ones are set aside before it starts, so nnU-Net's --c takes the first usable one)."""
         usable = [] if fresh else self.usable_checkpoints(config, fold)
         argv = ["nnUNetv2_train", str(ds.DATASET_ID), config, str(fold), "-tr", self.o.trainer, "-p", self.o.plans,
-                "--npz", "-device", self.o.device] + (["--c"] if usable else [])
+                "--npz", "-device", self.o.device.value] + (["--c"] if usable else [])
         note = f"continuing from {usable[0]}" if usable else ""
         return Job(f"train_{config}_fold{fold}", argv, self.layout.log(f"train_{config}_fold{fold}"), slot=True,
                    note=note)
@@ -179,7 +179,7 @@ class Validate(FoldStep):
                 if forced or not self.fold_check(c, f).done:
                     jobs.append(Job(f"validate_{c}_fold{f}", ["nnUNetv2_train", str(ds.DATASET_ID), c, str(f), "-tr",
                                                               self.o.trainer, "-p", self.o.plans, "--val", "--npz",
-                                                              "-device", self.o.device],
+                                                              "-device", self.o.device.value],
                                     self.layout.log(f"validate_{c}_fold{f}"), slot=True))
         if untrained and not assume:
             raise NotReady(f"{', '.join(untrained)} not trained ({ds.CHECKPOINTS[0]} missing): run the train step "
