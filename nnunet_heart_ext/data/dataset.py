@@ -138,6 +138,14 @@ def cases_in(folder: Path, pattern: _Pattern) -> Dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- raw dataset
+def below(base: str, *parts: str, doc: str = "") -> property:
+    """A read-only property of a paths object: `parts` below its attribute `base` (a Path)."""
+    def get(self) -> Path:
+        return getattr(self, base).joinpath(*parts)
+
+    return property(get, doc=doc or f"{base}/{'/'.join(parts)}")
+
+
 @dataclass(frozen=True)
 class RawDataset:
     """Paths of the nnU-Net raw dataset under one nnUNet_raw folder."""
@@ -147,21 +155,10 @@ class RawDataset:
     def under(cls, raw_root) -> "RawDataset":
         return cls(Path(raw_root) / DATASET_NAME)
 
-    @property
-    def images_tr(self) -> Path:
-        return self.root / RAW_IMAGES_TR
-
-    @property
-    def labels_tr(self) -> Path:
-        return self.root / RAW_LABELS_TR
-
-    @property
-    def images_ts(self) -> Path:
-        return self.root / RAW_IMAGES_TS
-
-    @property
-    def dataset_json(self) -> Path:
-        return self.root / DATASET_JSON
+    images_tr = below("root", RAW_IMAGES_TR)
+    labels_tr = below("root", RAW_LABELS_TR)
+    images_ts = below("root", RAW_IMAGES_TS)
+    dataset_json = below("root", DATASET_JSON)
 
     def image(self, case: str) -> Path:
         return self.images_tr / RAW_IMAGE.name(case)

@@ -71,27 +71,25 @@ def _label_index(value, labels):
 def coordinates_grouped_by_label(seg, labels):
     """Coordinates of the voxels of 4-D `seg` whose value is one of `labels` (sorted), grouped by
     label in ascending order and in C order within a label, and the count of each label: what
-    nnU-Net's np.isin + np.argwhere + stable argsort give, in two passes without sorting."""
+    nnU-Net's np.isin + np.argwhere + stable argsort give, in two passes without sorting (the
+    first counts each label, the second writes each voxel at its label's next place)."""
+    flat = seg.ravel()  # a view of a C-contiguous seg: voxel i is (a, b, c, d) in C order
+    n1, n2, n3 = seg.shape[1], seg.shape[2], seg.shape[3]
     counts = np.zeros(labels.shape[0], dtype=np.int64)
-    n0, n1, n2, n3 = seg.shape
-    for a in range(n0):
-        for b in range(n1):
-            for c in range(n2):
-                for d in range(n3):
-                    s = _label_index(seg[a, b, c, d], labels)
-                    if s >= 0:
-                        counts[s] += 1
+    for i in range(flat.shape[0]):
+        s = _label_index(flat[i], labels)
+        if s >= 0:
+            counts[s] += 1
     position = np.zeros(labels.shape[0], dtype=np.int64)
     for s in range(1, labels.shape[0]):
         position[s] = position[s - 1] + counts[s - 1]
     coords = np.empty((counts.sum(), 4), dtype=np.int64)
-    for a in range(n0):
-        for b in range(n1):
-            for c in range(n2):
-                for d in range(n3):
-                    s = _label_index(seg[a, b, c, d], labels)
-                    if s >= 0:
-                        i = position[s]
-                        coords[i, 0], coords[i, 1], coords[i, 2], coords[i, 3] = a, b, c, d
-                        position[s] += 1
+    for i in range(flat.shape[0]):
+        s = _label_index(flat[i], labels)
+        if s >= 0:
+            j = position[s]
+            position[s] += 1
+            rest, coords[j, 3] = divmod(i, n3)
+            rest, coords[j, 2] = divmod(rest, n2)
+            coords[j, 0], coords[j, 1] = divmod(rest, n1)
     return coords, counts

@@ -37,81 +37,48 @@ class Layout:
         self._trainer, self._plans = options.trainer, options.plans
 
     # ------------------------------------------------------------------ the work folder
-    @property
-    def logs(self) -> Path:
-        return self.work / LOGS
+    logs = ds.below("work", LOGS)
 
     def log(self, name: str) -> Path:
         """The log of one step or job."""
         return self.logs / f"{name}.log"
 
-    @property
-    def job_records(self) -> Path:
-        return self.logs / JOB_RECORDS
-
-    @property
-    def slurm_dir(self) -> Path:
-        return self.work / SLURM
-
-    @property
-    def slurm_records(self) -> Path:
-        return self.slurm_dir / SLURM_RECORDS
-
-    @property
-    def slurm_scripts(self) -> Path:
-        return self.slurm_dir / SLURM_SCRIPTS
-
-    @property
-    def slurm_logs(self) -> Path:
-        return self.logs / SLURM_LOGS
-
-    @property
-    def work_lock(self) -> Path:
-        """Held by the run (or the Slurm submitter) that works in this folder."""
-        return self.work / LOCKS / WORK_LOCK
+    job_records = ds.below("work", LOGS, JOB_RECORDS)
+    slurm_dir = ds.below("work", SLURM)
+    slurm_records = ds.below("work", SLURM, SLURM_RECORDS)
+    slurm_scripts = ds.below("work", SLURM, SLURM_SCRIPTS)
+    slurm_logs = ds.below("work", LOGS, SLURM_LOGS)
+    work_lock = ds.below("work", LOCKS, WORK_LOCK, doc="Held by the run (or the Slurm submitter) that works here.")
 
     def step_lock(self, name: str) -> Path:
         """Held while a step (or a fold: `fold-CONFIG-F`) runs, by a local run or a Slurm job."""
         return self.work / LOCKS / f"{name}.lock"
 
-    @property
-    def test_dice(self) -> Path:
-        return self.work / TEST_DICE
+    test_dice = ds.below("work", TEST_DICE)
 
     # ------------------------------------------------------------------ predictions
-    @property
-    def predictions(self) -> Path:
-        return self.work / PREDICTIONS
+    predictions = ds.below("work", PREDICTIONS)
 
     def prediction_dir(self, model: Dict[str, str]) -> Path:
         """Where nnUNetv2_predict writes one model's test predictions (a model as
         inference_information.json names it: trainer, plans_identifier, configuration)."""
         return self.predictions / f"{model['trainer']}_{model['plans_identifier']}_{model['configuration']}"
 
-    @property
-    def ensemble_dir(self) -> Path:
-        return self.predictions / ENSEMBLE
+    ensemble_dir = ds.below("work", PREDICTIONS, ENSEMBLE)
 
     def final_predictions(self, models: List[Dict[str, str]]) -> Path:
         """The predictions postprocessing reads: the ensemble's when several models were chosen."""
         return self.ensemble_dir if len(models) > 1 else self.prediction_dir(models[0])
 
-    @property
-    def postprocessed(self) -> Path:
-        return self.predictions / POSTPROCESSED
+    postprocessed = ds.below("work", PREDICTIONS, POSTPROCESSED)
 
     # ------------------------------------------------------------------ nnUNet_preprocessed
     @property
     def plans_file(self) -> Path:
         return self.preprocessed / f"{self._plans}.json"
 
-    @property
-    def splits_file(self) -> Path:
-        return self.preprocessed / ds.SPLITS_JSON
-
-    @property
-    def gt_segmentations(self) -> Path:
-        return self.preprocessed / ds.GT_SEGMENTATIONS
+    splits_file = ds.below("preprocessed", ds.SPLITS_JSON)
+    gt_segmentations = ds.below("preprocessed", ds.GT_SEGMENTATIONS)
 
     def preprocessed_data(self, data_identifier: str) -> Path:
         """The preprocessed cases of one configuration (its plans' data identifier)."""
