@@ -48,7 +48,7 @@ def handle_stop_signals():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from nnunet_heart_ext.data.files import WriteError
+    from nnunet_heart_ext.data.files import WriteError, is_write_failure, write_error
     from nnunet_heart_ext.pipeline import launchers, report
     from nnunet_heart_ext.pipeline.locks import Lock
     from nnunet_heart_ext.pipeline.steps import Context, make_steps
@@ -77,9 +77,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         TERMINAL.clear()
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except WriteError as e:
-        TERMINAL.clear()
-        print(f"error: {e.strerror}", file=sys.stderr, flush=True)
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        TERMINAL.clear()  # a full disk or a denied write: one line, not a traceback
+        line = e.strerror if isinstance(e, WriteError) else write_error(e, e.filename or ".", "write").strerror
+        print(f"error: {line}", file=sys.stderr, flush=True)
         return 1
     except Stopped as e:
         TERMINAL.clear()

@@ -93,6 +93,7 @@ class LocalLauncher(Launcher):
         note(f"trainer: {o.trainer}   planner: {o.planner} -> plans: {o.plans}")
         note(f"nnUNet_raw={o.raw} nnUNet_preprocessed={o.preprocessed} nnUNet_results={o.results}")
         ensure_writable(self.ctx.layout.logs)
+        self.ctx.layout.logs.mkdir(parents=True, exist_ok=True)
         timings: Dict[str, Tuple[float, str]] = {}
         for step in steps:
             if not o.wanted(step.name):

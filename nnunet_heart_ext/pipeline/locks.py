@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
+from nnunet_heart_ext.data.files import is_write_failure, write_error
 from nnunet_heart_ext.pipeline.errors import Busy
 
 try:
@@ -119,8 +120,13 @@ class Lock:
         """Take the lock. Held by another process: with `wait`, wait for it (saying so); else
         raise Busy naming the holder, unless the holder is a dead process of this host whose job
         processes still end (then wait up to `wait_for_dead` seconds for them)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if is_write_failure(e):
+                raise write_error(e, self.path, "create the lock") from e
+            raise
         try:
             if not self._try():
                 holder = self.holder()
