@@ -34,8 +34,9 @@ from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
 from nnunet_heart_ext.data.io import replace_atomically
-from nnunet_heart_ext.kernels import logits_to_labels, npz
-from nnunet_heart_ext.nnunet.resampling import _threads
+from nnunet_heart_ext.kernels import logits_to_labels
+from nnunet_heart_ext.data import npz_file
+from nnunet_heart_ext.nnunet.resampling import numba_threads
 
 # resampling functions whose order-1 maths the kernels compute exactly (names as plans store them)
 FUSABLE_RESAMPLING = ("resample_data_or_seg_to_shape", "resample_data_or_seg_to_shape_numba")
@@ -97,7 +98,7 @@ def convert_predicted_logits_to_segmentation_with_correct_shape(
     separate_axis, order_z = fused
     if isinstance(predicted_logits, torch.Tensor):
         predicted_logits = predicted_logits.cpu().numpy()
-    threads = _threads()
+    threads = numba_threads()
     seg = np.zeros(properties_dict["shape_before_cropping"], dtype=_label_dtype(label_manager))
     crop = seg[_crop(properties_dict["bbox_used_for_cropping"])]
     if not return_probabilities:
@@ -190,7 +191,7 @@ def write_prediction(segmentation: np.ndarray, probabilities: Optional[np.ndarra
     if isinstance(dataset_json_dict_or_file, str):
         dataset_json_dict_or_file = load_json(dataset_json_dict_or_file)
     if probabilities is not None:
-        npz.savez_compressed(output_file_truncated + ".npz", threads=_threads(), probabilities=probabilities)
+        npz_file.savez_compressed(output_file_truncated + ".npz", threads=numba_threads(), probabilities=probabilities)
         replace_atomically(lambda tmp: save_pickle(properties_dict, str(tmp)), output_file_truncated + ".pkl")
     rw = plans_manager.image_reader_writer_class()
     replace_atomically(lambda tmp: rw.write_seg(segmentation, str(tmp), properties_dict),
