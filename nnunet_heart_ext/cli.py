@@ -34,8 +34,9 @@ def _predict_ensemble(args):
     from nnunet_heart_ext.nnunet.ensemble_predict import predict_ensemble
     folds = [f if f == "all" else int(f) for f in args.f]
     try:
-        predict_ensemble(args.m, args.i, args.o, folds, args.chk, args.device, not args.disable_tta, args.num_parts,
-                         args.part_id, overwrite=not args.continue_prediction)
+        predict_ensemble(args.m, args.i, args.o, folds=folds, checkpoint=args.chk, device=args.device,
+                         use_mirroring=not args.disable_tta, num_parts=args.num_parts, part_id=args.part_id,
+                         overwrite=not args.continue_prediction)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or model folders: the message names them
         print(f"nnunet-heart predict-ensemble: error: {e}", file=sys.stderr)
         raise SystemExit(1)
