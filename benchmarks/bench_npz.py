@@ -70,12 +70,14 @@ CONTENTS = {"confident (logits x1)": 1.0, "less confident (logits x0.3)": 0.3}
 
 
 def main(args):
+    from nnunet_heart_ext.data import npz_file
     from nnunet_heart_ext.kernels import npz
+    from nnunet_heart_ext.kernels.cores import usable_cores
 
     quick = getattr(args, "quick", False)
     shape = QUICK_SHAPE if quick else SHAPE
     repeat = 1 if quick else getattr(args, "npz_repeat", 2)
-    threads = len(os.sched_getaffinity(0))
+    threads = usable_cores()
     isal = npz._zlib_module
     zlib_only = lambda: __import__("zlib")  # noqa: E731
 
@@ -83,7 +85,7 @@ def main(args):
         def write(f, **arrays):
             saved, npz._zlib_module = npz._zlib_module, backend
             try:
-                npz.savez_compressed(f, threads=threads, **arrays)
+                npz_file.savez_compressed(f, threads=threads, **arrays)
             finally:
                 npz._zlib_module = saved
         return write

@@ -13,7 +13,10 @@ Set `NNUNET_HEART_EXT_DISABLE=1` to switch the hook off (for comparisons with pl
 import os
 import sys
 
-# nnunetv2 module -> "extension_module:function" called with the freshly executed module.
+# nnunetv2 module -> "extension_module:function" called with the freshly executed module. Every
+# patch function wraps named functions or methods of that module with patching.wrap; the table
+# of what is wrapped and when each wrapper runs the extension's code is in
+# nnunet_heart_ext/nnunet/patching.py.
 PATCHES = {
     # Name lookups (trainers, planners, preprocessors, resampling functions) fall back to the
     # extension's registry. Callers bind the function at their own import time, after this ran.
@@ -22,9 +25,11 @@ PATCHES = {
     # on the extension's connected components (imports neither Triton nor the kernels until called).
     "nnunetv2.postprocessing.remove_connected_components":
         "nnunet_heart_ext.nnunet.postprocessing:patch_remove_connected_components",
-    # HeartTrainer models predicted through nnU-Net's nnUNetPredictor take the extension's inference
-    # (batched windows and mirrors, folds on the device, fused export); other models are untouched.
+    # nnU-Net's predictor of a model whose trainer asks for it (HeartTrainer) takes the extension's
+    # inference (batched windows and mirrors, folds on the device, fused export); others are untouched.
     "nnunetv2.inference.predict_from_raw_data": "nnunet_heart_ext.nnunet.predictor:patch_predict_from_raw_data",
+    # ... and such a trainer's validation exports with the extension's export.
+    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer": "nnunet_heart_ext.nnunet.validation:patch_trainer_module",
 }
 
 
@@ -63,6 +68,7 @@ def _apply_patch(patch_target, module):
 
     module_name, func_name = patch_target.split(":")
     getattr(importlib.import_module(module_name), func_name)(module)
+    module._nnunet_heart_ext_patched = True
 
 
 def install():

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from nnunet_heart_ext.data.dataset import DATASET_NAME
+from nnunet_heart_ext.pipeline.options import Device
 
 
 def _phantom(args):
@@ -35,8 +36,9 @@ def _predict_ensemble(args):
     from nnunet_heart_ext.nnunet.ensemble_predict import predict_ensemble
     folds = [f if f == "all" else int(f) for f in args.f]
     try:
-        predict_ensemble(args.m, args.i, args.o, folds, args.chk, args.device, not args.disable_tta, args.num_parts,
-                         args.part_id, overwrite=not args.continue_prediction)
+        predict_ensemble(args.m, args.i, args.o, folds=folds, checkpoint=args.chk, device=args.device,
+                         use_mirroring=not args.disable_tta, num_parts=args.num_parts, part_id=args.part_id,
+                         overwrite=not args.continue_prediction)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or model folders: the message names them
         print(f"nnunet-heart predict-ensemble: error: {e}", file=sys.stderr)
         raise SystemExit(1)
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", nargs="+", required=True, help="trained model folders (TRAINER__PLANS__CONFIGURATION)")
     p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds of every model (default 0-4)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    p.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
+    p.add_argument("-device", default=Device.CUDA.value, choices=[d.value for d in Device],
+                   help="cuda (default) or cpu: what the pipeline's --device takes")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring")
     p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("-part_id", type=int, default=0, help="the part this process predicts (0-based)")

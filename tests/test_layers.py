@@ -4,9 +4,9 @@ Read from the source (the AST of every module, nothing imported), lazy imports i
 included. The table below is what the code does, stated once; a new edge between layers or a
 new dependency of a layer is a decision: change the table in the same commit.
 
-Surprises the table records: `nnunet` and `trainers` import each other, both lazily
-(nnunet/predictor.py asks whether a trainer is a HeartTrainer; HeartTrainer's validation runs
-nnunet/prediction_export.py); `data` imports nnunetv2 in one place, lazily
+Neither `nnunet` nor `trainers` imports the other: the trainers ask for the extension's inference
+with a class attribute the predictor reads (nnunet/patching.py). Surprises the table records:
+`data` imports nnunetv2 in one place, lazily
 (data/prepare.py: nnU-Net's generate_dataset_json writes dataset.json); `pipeline` imports no
 plug-in: it runs nnU-Net's and the extension's commands as subprocesses.
 """
@@ -31,9 +31,9 @@ LAYERS = {
     "root": (set(), set()),
     "kernels": ({"kernels"}, {"numpy", "numba", "torch", "triton", "cc3d", "isal"}),
     "data": ({"kernels", "data"}, {"numpy", "SimpleITK", "nibabel", "tqdm", "nnunetv2"}),
-    "nnunet": ({"kernels", "data", "nnunet", "trainers"},
+    "nnunet": ({"kernels", "data", "nnunet"},
                {"numpy", "torch", "tqdm", "nnunetv2", "batchgenerators", "acvl_utils"}),
-    "trainers": ({"kernels", "data", "nnunet", "trainers"},
+    "trainers": ({"kernels", "data", "trainers"},
                  {"numpy", "torch", "nnunetv2", "batchgenerators", "acvl_utils"}),
     "pipeline": ({"data", "pipeline"}, {"torch", "nnunetv2"}),
     "cli": (ANY, ANY),
@@ -175,6 +175,14 @@ def cycles(graph: dict) -> list:
         if v not in index:
             visit(v)
     return found
+
+
+def test_the_layers_import_one_way():
+    """No two layers may import each other, directly or through a third (cli aside: it may import
+    anything and nothing imports it)."""
+    layer_graph = {layer: {t for t in allowed if t != layer} for layer, (allowed, _) in LAYERS.items()
+                   if allowed is not ANY}
+    assert not cycles({layer: {t for t in targets if t in layer_graph} for layer, targets in layer_graph.items()})
 
 
 def test_no_modules_import_one_another():

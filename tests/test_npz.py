@@ -1,6 +1,6 @@
-"""nnunet_heart_ext.kernels.npz.savez_compressed: files that np.load (and nnU-Net) read exactly
-as np.savez_compressed's, on fresh random inputs, with small chunk sizes so that many chunks and
-every branch of the zip writer run in well under a second each."""
+"""nnunet_heart_ext.kernels.npz.savez_compressed (paths: nnunet_heart_ext.data.npz_file): files that
+np.load (and nnU-Net) read exactly as np.savez_compressed's, on fresh random inputs, with small chunk
+sizes so that many chunks and every branch of the zip writer run in well under a second each."""
 import io
 import os
 import struct
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnunet_heart_ext.data import npz_file
 from nnunet_heart_ext.kernels import npz
 
 rng = np.random.default_rng()
@@ -22,7 +23,7 @@ def check(tmp_path, *args, **arrays):
     """Write with both writers, compare what np.load gives: keys, dtype, shape, bytes, order."""
     kw = {k: arrays.pop(k) for k in ("threads", "chunk_size", "level") if k in arrays}
     ours, ref = tmp_path / "ours.npz", tmp_path / "ref.npz"
-    npz.savez_compressed(ours, *args, **kw, **arrays)
+    npz_file.savez_compressed(ours, *args, **kw, **arrays)
     np.savez_compressed(ref, *args, **arrays)
     with np.load(ours, allow_pickle=True) as a, np.load(ref, allow_pickle=True) as b:
         assert a.files == b.files
@@ -104,7 +105,7 @@ def test_object_arrays_and_structured(tmp_path):
     rec["a"] = rng.random(50)
     check(tmp_path, obj=obj, rec=rec, chunk_size=16)
     with pytest.raises(ValueError, match="allow_pickle"):
-        npz.savez_compressed(tmp_path / "o.npz", obj=obj, allow_pickle=False)
+        npz_file.savez_compressed(tmp_path / "o.npz", obj=obj, allow_pickle=False)
 
 
 def test_larger_than_one_chunk_default_threads(tmp_path):
@@ -129,16 +130,19 @@ def test_zip64_fields(tmp_path, monkeypatch):
 
 def test_npz_suffix_and_file_objects(tmp_path):
     x = rng.random(100)
-    npz.savez_compressed(str(tmp_path / "case"), probabilities=x)
-    npz.savez_compressed(tmp_path / "other.npz", probabilities=x)
+    npz_file.savez_compressed(str(tmp_path / "case"), probabilities=x)
+    npz_file.savez_compressed(tmp_path / "other.npz", probabilities=x)
     assert sorted(os.listdir(tmp_path)) == ["case.npz", "other.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "case.npz")["probabilities"], x)
     buf = io.BytesIO(b"junk")  # a file object, written from where it stands
     buf.seek(4)
-    npz.savez_compressed(buf, x, chunk_size=100)
+    npz_file.savez_compressed(buf, x, chunk_size=100)
     np.testing.assert_array_equal(np.load(io.BytesIO(buf.getvalue()[4:]))["arr_0"], x)
     with pytest.raises(ValueError, match="arr_0"):
-        npz.savez_compressed(tmp_path / "c", x, arr_0=x)
+        npz_file.savez_compressed(tmp_path / "c", x, arr_0=x)
+    with pytest.raises(TypeError, match="npz_file"):  # the kernel encodes into file objects only
+        npz.savez_compressed(tmp_path / "d.npz", x)
+    assert not (tmp_path / "d.npz").exists()
 
 
 class Unconvertible:
@@ -152,7 +156,7 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     before = target.read_bytes()
     p = transposed_probabilities((4, 9, 8, 7))
     with pytest.raises(RuntimeError, match="cannot make"):  # second key fails, the first is written
-        npz.savez_compressed(target, probabilities=p, bad=Unconvertible(), chunk_size=100)
+        npz_file.savez_compressed(target, probabilities=p, bad=Unconvertible(), chunk_size=100)
     calls = []
 
     def failing(piece, last, zl, level):
@@ -164,10 +168,10 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     compress = npz._compress
     monkeypatch.setattr(npz, "_compress", failing)  # a worker thread fails mid-file
     with pytest.raises(OSError, match="disk full"):
-        npz.savez_compressed(target, probabilities=p, chunk_size=100, threads=3)
+        npz_file.savez_compressed(target, probabilities=p, chunk_size=100, threads=3)
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError):
-        npz.savez_compressed(tmp_path / "missing" / "case.npz", probabilities=p)
+        npz_file.savez_compressed(tmp_path / "missing" / "case.npz", probabilities=p)
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["case.npz"]  # no temporary left behind
 
@@ -182,8 +186,8 @@ def test_zlib_fallback(tmp_path, monkeypatch):
 def test_imports_and_writes_without_isal(tmp_path):
     code = ("import sys; sys.modules['isal'] = None\n"
             "import numpy as np\n"
-            "from nnunet_heart_ext.kernels import npz\n"
-            f"npz.savez_compressed({str(tmp_path / 'x')!r}, probabilities=np.arange(10.0))\n"
+            "from nnunet_heart_ext.data import npz_file\n"
+            f"npz_file.savez_compressed({str(tmp_path / 'x')!r}, probabilities=np.arange(10.0))\n"
             f"assert np.load({str(tmp_path / 'x.npz')!r})['probabilities'].sum() == 45\n"
             "assert 'torch' not in sys.modules and 'nnunetv2' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -197,7 +201,7 @@ def test_nnunet_average_probabilities(tmp_path):
     for i, p in enumerate(probs):
         ours.append(str(tmp_path / f"ours_{i}.npz"))
         ref.append(str(tmp_path / f"ref_{i}.npz"))
-        npz.savez_compressed(ours[-1], probabilities=p, chunk_size=500)
+        npz_file.savez_compressed(ours[-1], probabilities=p, chunk_size=500)
         np.savez_compressed(ref[-1], probabilities=p)
     a, b = average_probabilities(ours), average_probabilities(ref)
     assert a.dtype == b.dtype == np.float32 and a.tobytes() == b.tobytes()

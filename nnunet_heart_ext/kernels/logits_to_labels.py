@@ -11,9 +11,9 @@ The maths: nnU-Net's export resamples the (C, Z, Y, X) logits with order 1 (skim
 `resize(order=1, mode='edge')`, i.e. scipy `zoom(grid_mode=True, mode='nearest')`), then takes
 the argmax over C (first index on ties). Along an axis of n_in -> n_out samples, output k reads the
 input at `x = (k + 0.5) * n_in / n_out - 0.5`, clamped to [0, n_in - 1], with weights
-`1 - (x - floor(x))` and `x - floor(x)` on voxels floor(x) and floor(x) + 1 (the same tables as
-kernels/_resample_tables.py). Order 1 is a convex combination, so the input's clipping to [min, max] never
-bites. With a separate (low-resolution) axis, nnU-Net resamples the other two axes per slice
+`1 - (x - floor(x))` and `x - floor(x)` on voxels floor(x) and floor(x) + 1 (the tables of
+kernels/_resample_tables.py; past the last voxel the second tap has weight 0). Order 1 is a
+convex combination, so the input's clipping to [min, max] never bites. With a separate (low-resolution) axis, nnU-Net resamples the other two axes per slice
 (order 1) and that axis with `map_coordinates(order=order_z)`: order_z 0 takes the input slice
 `floor(clamp(x, 0, n_in - 1) + 0.5)` (weights 1, 0), order_z 1 the linear table above. Every case
 is thus one trilinear form with per-axis (index pair, weight pair) tables, evaluated per output
@@ -25,7 +25,7 @@ Precision: nnU-Net computes in float64 and rounds to the logits' dtype (float16 
 predictor) before the argmax; here the sums are float32 and, for float16 logits, each value is
 rounded to float16's precision (round to nearest even on the bits) before the comparison, so the
 same ties arise. Labels can still differ where a value lies within float32 rounding of a float16
-rounding boundary: measured in tests/test_prediction_export.py and benchmarks/bench_predict.py.
+rounding boundary: measured in tests/test_predictor.py and benchmarks/bench_predict.py.
 
 `resample_logits_torch` is the same form with torch's `interpolate` (trilinear/bilinear,
 align_corners=False, which computes the same source coordinate and clamping) and a gather along the
@@ -40,26 +40,19 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from nnunet_heart_ext.kernels import _resample_tables
+
 
 # ----------------------------------------------------------------------------- axis tables
-def _coordinates(n_in: int, n_out: int) -> np.ndarray:
-    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (float(n_in) / n_out) - 0.5
-    return np.clip(x, 0, n_in - 1)
-
-
 def axis_table(n_in: int, n_out: int, order: int):
-    """(idx (n_out, 2) int64, weights (n_out, 2) float32) of one axis; order 0 or 1."""
-    if n_in == n_out:
-        i = np.arange(n_out, dtype=np.int64)
+    """(idx (n_out, 2) int64, weights (n_out, 2) float32) of one axis; order 0 or 1: the tables of
+    the resampling kernels (kernels/_resample_tables.py), as pairs (order 0: the nearest voxel,
+    weights 1, 0)."""
+    if order == 0 or n_in == n_out:
+        i = _resample_tables.nearest_table(n_in, n_out)
         return np.stack([i, i], 1), np.tile(np.array([1.0, 0.0], np.float32), (n_out, 1))
-    x = _coordinates(n_in, n_out)
-    if order == 0:
-        i = np.floor(x + 0.5).astype(np.int64)
-        return np.stack([i, i], 1), np.tile(np.array([1.0, 0.0], np.float32), (n_out, 1))
-    i0 = np.floor(x)
-    w1 = x - i0
-    i0 = i0.astype(np.int64)
-    return np.stack([i0, np.minimum(i0 + 1, n_in - 1)], 1), np.stack([1.0 - w1, w1], 1).astype(np.float32)
+    idx, weights, _ = _resample_tables.linear_table(n_in, n_out)
+    return idx, weights.astype(np.float32)
 
 
 def tables(in_shape: Sequence[int], out_shape: Sequence[int], separate_axis: Optional[int] = None,
@@ -93,7 +86,11 @@ def _tap_values(rows, vals, bits, xa, xb, wa, wb, half):
 
 
 @njit(cache=True, parallel=True)
-def _resample_argmax(src, dst, i0, w0, i1, w1, i2, w2, half):
+def _resample_argmax(src, probs, dst, i0, w0, i1, w1, i2, w2, half):
+    """dst = argmax over C of the resampled (float16-rounded with `half`) logits; returns the NaN
+    count. With `probs` (C, *dst.shape) instead of None, also writes the softmax of those values
+    there and takes the argmax of the probabilities (nnU-Net's order). Numba compiles the two
+    cases apart (`probs is None` is decided at compile time), so the argmax alone pays nothing."""
     n_cls = src.shape[0]
     n0, n1, n2 = dst.shape
     nan = 0
@@ -106,70 +103,51 @@ def _resample_argmax(src, dst, i0, w0, i1, w1, i2, w2, half):
                         w0[a, 0] * w1[b, 1], w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1])
             for k in range(n2):
                 _tap_values(rows, vals, bits, i2[k, 0], i2[k, 1], w2[k, 0], w2[k, 1], half)
-                best = vals[0]
-                arg = 0
-                for c in range(n_cls):
-                    v = vals[c]
-                    if v > best:
-                        best = v
-                        arg = c
-                    elif v != v:
+                if probs is None:
+                    best = vals[0]
+                    arg = 0
+                    for c in range(n_cls):
+                        v = vals[c]
+                        if v > best:
+                            best = v
+                            arg = c
+                        elif v != v:
+                            nan += 1
+                else:
+                    top = vals[0]
+                    for c in range(1, n_cls):
+                        top = max(top, vals[c])
+                    total = np.float32(0.0)
+                    for c in range(n_cls):
+                        e = np.exp(vals[c] - top)
+                        vals[c] = e
+                        total += e
+                    if total != total:
                         nan += 1
+                    best = np.float32(-1.0)
+                    arg = 0
+                    for c in range(n_cls):
+                        p = vals[c] / total
+                        probs[c, a, b, k] = p
+                        if p > best:
+                            best = p
+                            arg = c
                 dst[a, b, k] = arg
     return nan
 
 
-@njit(cache=True, parallel=True)
-def _resample_softmax_argmax(src, probs, dst, i0, w0, i1, w1, i2, w2, half):
-    """`_resample_argmax` that also writes the softmax of the resampled (float16-rounded) logits
-    into probs (C, *dst.shape) and takes the argmax of those probabilities (nnU-Net's order)."""
-    n_cls = src.shape[0]
-    n0, n1, n2 = dst.shape
-    nan = 0
-    for a in prange(n0):
-        rows = np.empty((n_cls, src.shape[3]), dtype=np.float32)
-        vals = np.empty(n_cls, dtype=np.float32)
-        bits = vals.view(np.uint32)
-        for b in range(n1):
-            _blend_rows(src, rows, i0[a, 0], i0[a, 1], i1[b, 0], i1[b, 1], w0[a, 0] * w1[b, 0],
-                        w0[a, 0] * w1[b, 1], w0[a, 1] * w1[b, 0], w0[a, 1] * w1[b, 1])
-            for k in range(n2):
-                _tap_values(rows, vals, bits, i2[k, 0], i2[k, 1], w2[k, 0], w2[k, 1], half)
-                top = vals[0]
-                for c in range(1, n_cls):
-                    top = max(top, vals[c])
-                total = np.float32(0.0)
-                for c in range(n_cls):
-                    e = np.exp(vals[c] - top)
-                    vals[c] = e
-                    total += e
-                if total != total:
-                    nan += 1
-                best = np.float32(-1.0)
-                arg = 0
-                for c in range(n_cls):
-                    p = vals[c] / total
-                    probs[c, a, b, k] = p
-                    if p > best:
-                        best = p
-                        arg = c
-                dst[a, b, k] = arg
-    return nan
-
-
-def _kernel_arguments(logits, out, separate_axis, order_z, threads):
-    """What both kernels take after `logits` and `out` are checked: the float32 logits, the three
-    axis tables (flat) and whether to round as float16; None when `out` is empty."""
+def _run(logits, probabilities, out, separate_axis, order_z, threads) -> int:
+    """Check the arguments, build the axis tables, run the kernel (the NaN count)."""
     _check(logits, out, separate_axis, order_z)
     if 0 in out.shape:
-        return None
+        return 0
     if threads is not None:
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     src = _as_float32(logits)
     flat = []
     for idx, w in tables(src.shape[1:], out.shape, separate_axis, order_z):
         flat += [idx, w]
-    return src, flat, logits.dtype == np.float16
+    return int(_resample_argmax(src, probabilities, out, *flat, logits.dtype == np.float16))
 
 
 def resample_softmax_argmax(logits: np.ndarray, probabilities: np.ndarray, out: np.ndarray,
@@ -182,11 +160,7 @@ def resample_softmax_argmax(logits: np.ndarray, probabilities: np.ndarray, out: 
     if probabilities.shape != (logits.shape[0], *out.shape) or probabilities.dtype != np.float32:
         raise ValueError(f"resample_softmax_argmax: probabilities must be float32 {(logits.shape[0], *out.shape)}, "
                          f"got {probabilities.dtype} {probabilities.shape}")
-    args = _kernel_arguments(logits, out, separate_axis, order_z, threads)
-    if args is None:
-        return 0
-    src, flat, half = args
-    return int(_resample_softmax_argmax(src, probabilities, out, *flat, half))
+    return _run(logits, probabilities, out, separate_axis, order_z, threads)
 
 
 def _check(logits, out, separate_axis, order_z):
@@ -232,11 +206,7 @@ def resample_argmax(logits: np.ndarray, out: np.ndarray, separate_axis: Optional
     out: a 3-D integer array (any strides, e.g. the crop of a larger volume) of the target shape.
     separate_axis / order_z: nnU-Net's separate-z path (see the module docstring).
     threads: Numba threads for this call (None: Numba's current setting)."""
-    args = _kernel_arguments(logits, out, separate_axis, order_z, threads)
-    if args is None:
-        return 0
-    src, flat, half = args
-    return int(_resample_argmax(src, out, *flat, half))
+    return _run(logits, None, out, separate_axis, order_z, threads)
 
 
 # ----------------------------------------------------------------------------- torch (GPU)

@@ -2,9 +2,11 @@
 
 nnU-Net saves each case's softmax as `np.savez_compressed(f, probabilities=p)`, a (4, 340, 512,
 512) float32 array (1.4 GB) deflated by zlib at level 6 on one core: about a minute a case.
-`savez_compressed(file, *args, threads=None, level=None, chunk_size=16 MiB, **arrays)` writes a
-file that `np.load(file)[key]` reads back bit for bit: same keys, dtype, shape, values and array
-order (Fortran-contiguous arrays are stored Fortran order, like numpy, everything else C order).
+`savez_compressed(fp, *args, threads=None, level=None, chunk_size=16 MiB, **arrays)` writes, to a
+seekable binary file object, a file that `np.load(file)[key]` reads back bit for bit: same keys,
+dtype, shape, values and array order (Fortran-contiguous arrays are stored Fortran order, like
+numpy, everything else C order). Paths (numpy's '.npz' suffix, written atomically) are
+nnunet_heart_ext/data/npz_file.py's, the project's file writing: this module only encodes.
 
 Format. A standard zip (APPNOTE 6.3), as numpy writes it: per array a local header (Zip64 extra
 always present, as numpy's force_zip64 does), member '<key>.npy' = the .npy header made by
@@ -12,8 +14,7 @@ always present, as numpy's force_zip64 does), member '<key>.npy' = the .npy head
 (Zip64 extra fields, and the Zip64 end records, only where a size, offset or count needs them).
 `zipfile` cannot take data already compressed, so the records are written here with `struct`;
 after the data the local header is rewritten with the CRC and sizes (as zipfile does on a
-seekable file), so no data descriptor is needed. Paths are written to a temporary file in the same
-folder, then `os.replace`d: a failure leaves the previous file as it was and no temporary behind.
+seekable file), so no data descriptor is needed.
 
 Why faster. (1) ISA-L (`isal.isal_zlib`, level 1 by default; its deflate is several times faster
 than zlib's) instead of zlib level 6, and (2) the payload is cut into independent chunks compressed
@@ -32,7 +33,6 @@ pre/post inversions cancel), where x^(8 |B|) mod P is built by square-and-multip
 of x^(2^k) mod P. Sizes add.
 """
 import io
-import os
 import struct
 import time
 import zlib
@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib import format as npformat
+
+from nnunet_heart_ext.kernels.cores import usable_cores
 
 CHUNK_SIZE = 16 << 20
 _ZIP64_LIMIT = 0xFFFFFFFF  # sizes/offsets above this need Zip64 fields (tests lower it)
@@ -210,39 +212,24 @@ def _write_zip(fp, arrays: dict, pool, threads: int, zl, level: int, chunk_size:
     fp.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, cd_size, cd_offset, 0))
 
 
-def savez_compressed(file, *args, threads: int = None, level: int = None, chunk_size: int = CHUNK_SIZE,
+def savez_compressed(fp, *args, threads: int = None, level: int = None, chunk_size: int = CHUNK_SIZE,
                      allow_pickle: bool = True, **kwds) -> None:
-    """`numpy.savez_compressed(file, *args, **kwds)`, in parallel. `file`: a path ('.npz' appended
-    when missing, written atomically) or a seekable binary file object. `threads`: default the
-    usable cores; `level`: deflate level (default 1; isal takes 0-3, zlib 0-9); `chunk_size`:
-    bytes of array data per compressed chunk (extra memory: at most ~4 x threads x chunk_size).
-    The keyword names above cannot name arrays (pass such arrays positionally or rename)."""
+    """`numpy.savez_compressed(fp, *args, **kwds)`, in parallel, into `fp`: a seekable binary file
+    object, written from where it stands (for a path: nnunet_heart_ext.data.npz_file). `threads`:
+    default the usable cores; `level`: deflate level (default 1; isal takes 0-3, zlib 0-9);
+    `chunk_size`: bytes of array data per compressed chunk (extra memory: at most ~4 x threads x
+    chunk_size). The keyword names above cannot name arrays (pass such arrays positionally or rename)."""
+    if not hasattr(fp, "write"):
+        raise TypeError(f"kernels.npz.savez_compressed writes to a binary file object, not {fp!r}: for a path use "
+                        "nnunet_heart_ext.data.npz_file.savez_compressed")
     arrays = dict(kwds)
     for i, val in enumerate(args):
         if f"arr_{i}" in arrays:
             raise ValueError(f"Cannot use un-named variables and keyword arr_{i}")
         arrays[f"arr_{i}"] = val
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = usable_cores() if threads is None else threads
     threads, chunk_size = max(1, int(threads)), max(1, int(chunk_size))
     zl = _zlib_module()
     level = 1 if level is None else level
     with ThreadPoolExecutor(threads, thread_name_prefix="npz") as pool:
-        if hasattr(file, "write"):
-            return _write_zip(file, arrays, pool, threads, zl, level, chunk_size, allow_pickle)
-        path = os.fspath(file)
-        if not path.endswith(".npz"):
-            path += ".npz"
-        folder, base = os.path.split(path)
-        tmp = os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with open(fd, "wb", buffering=1 << 20) as f:
-                _write_zip(f, arrays, pool, threads, zl, level, chunk_size, allow_pickle)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+        _write_zip(fp, arrays, pool, threads, zl, level, chunk_size, allow_pickle)

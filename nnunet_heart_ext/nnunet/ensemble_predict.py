@@ -7,25 +7,32 @@ shape), without writing, reading and deleting a 1.4 GB .npz per model and case: 
 preprocessed with each model's plans (nnU-Net's preprocessor), its logits predicted by nnU-Net's
 predictor of that model (HeartPredictor for HeartTrainer models, nnunet_heart_ext/nnunet/predictor.py),
 turned into probabilities at the original shape (on the GPU when the logits are there,
-nnunet_heart_ext/nnunet/prediction_export.py), and summed where they are; the argmax of the mean is
-written with the first model's image writer, atomically. `-num_parts/-part_id` split the cases as
-nnU-Net's commands do (the pipeline gives one part to each GPU slot), and
-`--continue_prediction` skips cases whose label map exists.
+nnunet_heart_ext/nnunet/prediction_export.py), and summed where they are (predictor.DeviceSum, the
+predictor's fold sum); the argmax of the mean is written with the first model's image writer,
+atomically. `-num_parts/-part_id` split the cases as nnU-Net's commands do (the pipeline gives one
+part to each GPU slot), and `--continue_prediction` skips cases whose label map exists.
+A fault of the extension's code falls back to nnU-Net's own for that step and case (fallback.py:
+nnU-Net's predictor, its export's probabilities, its image writer), with a warning each and the
+count at the end.
 
 The models must predict the same labels from the same input channels (nnU-Net's ensembling
 assumes it too); otherwise this stops before predicting anything, naming the models.
 """
 import os
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.inference import export_prediction as nnunet_export
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from tqdm import tqdm
 
-from nnunet_heart_ext.nnunet import prediction_export
+from nnunet_heart_ext.nnunet import fallback, prediction_export
+from nnunet_heart_ext.nnunet.prediction_export import Prediction
+from nnunet_heart_ext.nnunet.predictor import DeviceSum
 
 
 def _predictor(folder: str, folds, checkpoint: str, device: torch.device, use_mirroring: bool) -> nnUNetPredictor:
@@ -45,9 +52,28 @@ def _check_compatible(predictors: List[nnUNetPredictor], folders: Sequence[str])
                                  "ensembled")
 
 
-def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_folder: str, folds=None,
-                     checkpoint: str = "checkpoint_final.pth", device: str = "cuda", use_mirroring: bool = True,
-                     num_parts: int = 1, part_id: int = 0, overwrite: bool = True) -> List[str]:
+def _probabilities(predictor: nnUNetPredictor, logits: torch.Tensor, properties: dict) -> torch.Tensor:
+    """The case's probabilities at its original shape (prediction_export); on a fault of the
+    extension's code, those of nnU-Net's own export function."""
+    pm, cm, lm = predictor.plans_manager, predictor.configuration_manager, predictor.label_manager
+
+    def nnunet():
+        _, probabilities = nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.half().cpu().numpy(), pm, cm, lm, properties, True)
+        return torch.from_numpy(np.ascontiguousarray(probabilities))
+
+    probabilities, fell_back = fallback.attempt(
+        lambda: prediction_export.probabilities_at_original_shape(logits, pm, cm, lm, properties), nnunet,
+        case=fallback.current_case(), what="the extension's export", instead="export")
+    if fell_back:
+        fallback.record("export")
+    return probabilities
+
+
+def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_folder: str, *,
+                     folds: Optional[Sequence] = None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
+                     use_mirroring: bool = True, num_parts: int = 1, part_id: int = 0,
+                     overwrite: bool = True) -> List[str]:
     """Write OUT/CASE<file_ending> for every case of this part; return the cases written."""
     if len(model_folders) < 1:
         raise ValueError("predict-ensemble: give at least one model folder (-m)")
@@ -70,35 +96,31 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
     save_json({"models": [str(f) for f in model_folders], "folds": folds, "checkpoint": checkpoint,
                "use_mirroring": use_mirroring}, os.path.join(output_folder, "predict_ensemble_args.json"))
     written = []
-    for files in tqdm(cases, desc="cases", disable=len(cases) < 2):
-        case = os.path.basename(files[0])[:-(len(ending) + 5)]
-        out = os.path.join(output_folder, case)
-        if not overwrite and os.path.isfile(out + ending):
-            continue
-        total, properties = None, None
-        for predictor in predictors:
-            preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-            data, _, props = preprocessor.run_case(files, None, predictor.plans_manager,
-                                                   predictor.configuration_manager, predictor.dataset_json)
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
-            probabilities = prediction_export.probabilities_at_original_shape(
-                logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, props)
-            del logits
-            if total is None:
-                total, properties = probabilities, props
-            else:
-                try:
-                    total += probabilities.to(total.device)
-                except torch.cuda.OutOfMemoryError:
-                    total = total.cpu()
-                    total += probabilities.cpu()
-            del probabilities
-        total /= len(predictors)
-        segmentation = first.label_manager.convert_probabilities_to_segmentation(total.cpu())
-        del total
-        segmentation = segmentation.numpy() if isinstance(segmentation, torch.Tensor) else segmentation
-        prediction_export.write_prediction(segmentation, None, properties, first.plans_manager, first.dataset_json,
-                                           out)
-        print(f"{case}: ensemble of {len(predictors)} model(s) written", flush=True)
-        written.append(case)
+    with fallback.tally() as run:
+        for files in tqdm(cases, desc="cases", disable=len(cases) < 2):
+            case = os.path.basename(files[0])[:-(len(ending) + 5)]
+            out = os.path.join(output_folder, case)
+            if not overwrite and os.path.isfile(out + ending):
+                continue
+            run.begin(case)
+            models, properties = DeviceSum("the models' probabilities"), None
+            for predictor in predictors:
+                preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+                data, _, props = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                       predictor.configuration_manager, predictor.dataset_json)
+                logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+                models.add(_probabilities(predictor, logits, props))
+                if properties is None:  # the first model's: its image writer writes the label map
+                    properties = props
+                del logits
+            segmentation = first.label_manager.convert_probabilities_to_segmentation(models.mean().cpu())
+            del models
+            segmentation = segmentation.numpy() if isinstance(segmentation, torch.Tensor) else segmentation
+            outcome = prediction_export.write_case(Prediction(segmentation), properties,
+                                                   plans_manager=first.plans_manager, dataset_json=first.dataset_json,
+                                                   output_file=out)
+            if outcome.fell_back:
+                run.record("export")
+            print(f"{case}: ensemble of {len(predictors)} model(s) written", flush=True)
+            written.append(case)
     return written

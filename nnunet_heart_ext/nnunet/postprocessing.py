@@ -29,6 +29,8 @@ import warnings
 
 import numpy as np
 
+from nnunet_heart_ext.nnunet import patching
+
 _DEVICE_ENV = "NNUNET_HEART_EXT_CC_DEVICE"
 # dtypes whose torch tensors support the comparisons and writes of the GPU path
 _GPU_DTYPES = {np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32,
@@ -58,7 +60,7 @@ def keep_largest_like_nnunet(original):
         return kernel.remove_all_but_largest_component_from_segmentation(
             segmentation, labels_or_regions, background_label)
 
-    remove_all_but_largest_component_from_segmentation._nnunet_heart_ext = True
+    setattr(remove_all_but_largest_component_from_segmentation, patching.MARK, True)
     return remove_all_but_largest_component_from_segmentation
 
 
@@ -84,8 +86,4 @@ def _use_cuda() -> bool:
 def patch_remove_connected_components(module) -> None:
     """Hook target for nnunetv2.postprocessing.remove_connected_components: bind the replacement
     under nnU-Net's name (determine_postprocessing and apply_postprocessing look it up there)."""
-    original = module.remove_all_but_largest_component_from_segmentation
-    if getattr(original, "_nnunet_heart_ext", False):
-        return
-    module.remove_all_but_largest_component_from_segmentation = keep_largest_like_nnunet(original)
-    module._nnunet_heart_ext_patched = True
+    patching.wrap(module, "remove_all_but_largest_component_from_segmentation", keep_largest_like_nnunet)

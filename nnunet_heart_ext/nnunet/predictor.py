@@ -1,32 +1,40 @@
 """HeartTrainer models predicted by the official nnUNetv2_predict take a faster inference path.
 
 How a model gets here. The import hook (_hook.py) runs `patch_predict_from_raw_data` right after
-nnunetv2.inference.predict_from_raw_data has executed: nnUNetPredictor's
+nnunetv2.inference.predict_from_raw_data has executed: it wraps (patching.py) nnUNetPredictor's
 `initialize_from_trained_model_folder` (nnUNetv2_predict) and `manual_initialization` (the
-trainer's validation) then end with `use_fast_path(self)`. When the model's trainer is a
-HeartTrainer (or a subclass) and the predictor is nnU-Net's own class (not a user's subclass),
-the instance becomes a `HeartPredictor`, with a log line; every other model keeps nnU-Net's
-predictor untouched. NNUNET_HEART_EXT_DISABLE=1 switches the hook, and so this, off.
+trainer's validation, predict-ensemble), which then end with `use_fast_path(self)`. When the
+model's trainer class carries the marker `nnunet_heart_ext_inference = True` (HeartTrainer and its
+subclasses: patching.uses_extension_inference) and the predictor is nnU-Net's own class (not a
+user's subclass), the instance becomes a `HeartPredictor`, with a log line; every other model keeps
+nnU-Net's predictor untouched. NNUNET_HEART_EXT_DISABLE=1 switches the hook, and so this, off.
 
 What HeartPredictor changes (the results are nnU-Net's up to floating-point summation order:
 tests/test_predictor.py compares them on random-weight networks):
 - Sliding window: windows go through the network in batches, each window's mirror passes in the
   same batch (nnU-Net: one window, then 7 more passes of it, at batch 1); up to
   `inference_batch` inputs per forward pass, halved on out-of-memory. Sums are float32.
-- Folds: accumulated where the logits are (the GPU), not moved to the host one by one and
-  summed there in float16; on out-of-memory the sum moves to the host, with a log line.
+- Folds: accumulated where the logits are (the GPU, `DeviceSum`), not moved to the host one by one
+  and summed there in float16; on out-of-memory the sum moves to the host, with a log line.
 - Export (`predict_from_data_iterator`): on a GPU the logits are resampled, arg-maxed and put
-  back into the uncropped volume on the device (prediction_export.convert_on_device), and only
+  back into the uncropped volume on the device (prediction_export.prediction_on_device), and only
   the label map (and, with --save_probabilities, the probabilities) go to the export workers,
-  which only write files; on the CPU, or for plans the kernels do not cover, the workers run
-  prediction_export's export (fused Numba resampling + argmax, threaded .npz writer).
+  which only write files (without an output file the prediction is returned as it is); on the
+  CPU, or for plans the kernels do not cover, the workers run prediction_export's export (fused
+  Numba resampling + argmax, threaded .npz writer).
 nnU-Net's fallbacks are kept: sliding-window results on the host when the device runs out of
 memory (nnU-Net's own `predict_sliding_window_return_logits` wraps the methods below).
+
+Faults (fallback.py): an exception of the extension's code in the network passes or the fold sum
+makes the case run nnU-Net's own `nnUNetPredictor` methods (all of them: `_as_nnunet`), in the
+device export nnU-Net's export on the CPU, in the workers' export nnU-Net's export there; a warning
+line each, and the count at the end of `predict_from_data_iterator`. NNUNET_HEART_EXT_STRICT=1 raises.
 """
 import itertools
 import multiprocessing
 import os
 from time import sleep
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,13 +46,55 @@ from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
-from nnunet_heart_ext.nnunet import prediction_export
+from nnunet_heart_ext.nnunet import fallback, patching, prediction_export
+from nnunet_heart_ext.nnunet.prediction_export import ExportOutcome
 
 _OOM = (torch.cuda.OutOfMemoryError,)
 
 
 def _log(message: str) -> None:
     print(f"nnunet_heart_ext: {message}", flush=True)
+
+
+class DeviceSum:
+    """The running float32 sum of tensors (the folds' logits, the models' probabilities), kept on
+    the device of the first; on out-of-memory it moves to the host, with a log line."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.total: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add x (the first one becomes the sum: the caller hands it over)."""
+        if self.total is None:
+            self.total = x.float()
+        else:
+            try:
+                self.total += x.to(self.total.device)
+            except _OOM:
+                _log(f"out of GPU memory summing {self.what}; summing them on the host")
+                self.total = self.total.cpu()
+                self.total += x.cpu()
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.count > 1:
+            self.total /= self.count
+        return self.total
+
+
+class _Ready:
+    """A result computed in this process, where the export pool's results are listed (ready())."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self, timeout=None):
+        return self.value
 
 
 class HeartPredictor(nnUNetPredictor):
@@ -133,54 +183,78 @@ class HeartPredictor(nnUNetPredictor):
                     start += len(batch)
                     pbar.update(len(batch))
             torch.div(predicted_logits, n_predictions, out=predicted_logits)
-            if torch.any(torch.isinf(predicted_logits)):
+            # nnU-Net's check for inf, and NaN in the same pass (a NaN would make an arbitrary label map)
+            if not bool(torch.isfinite(predicted_logits).all()):
+                if bool(torch.isnan(predicted_logits).any()):
+                    raise FloatingPointError("nnunet_heart_ext: NaN in the predicted logits (the input image or the "
+                                             "checkpoint holds NaN): nothing written")
                 raise RuntimeError('Encountered inf in predicted array. Aborting...')
-            if torch.any(torch.isnan(predicted_logits)):
-                raise FloatingPointError("nnunet_heart_ext: NaN in the predicted logits (the input image or the "
-                                         "checkpoint holds NaN): nothing written")
             return predicted_logits
         except Exception:
             del predicted_logits, n_predictions
             empty_cache(self.device)
             raise
 
+    # ------------------------------------------------------------------ faults: nnU-Net's own predictor
+    def _as_nnunet(self) -> nnUNetPredictor:
+        """nnU-Net's own predictor with this one's state (network, folds' weights, settings): all
+        of its methods, the sliding window's included, are nnU-Net's."""
+        plain = nnUNetPredictor.__new__(nnUNetPredictor)
+        plain.__dict__.update(self.__dict__)
+        return plain
+
+    def _or_nnunet(self, fast, method: str, *args):
+        """fast(); on a fault of the extension's code, nnU-Net's own `method`(*args) for this call."""
+
+        def nnunet():
+            empty_cache(self.device)
+            return getattr(self._as_nnunet(), method)(*args)
+
+        value, fell_back = fallback.attempt(fast, nnunet, case=fallback.current_case(),
+                                            what="the extension's inference", instead="predictor")
+        if fell_back:
+            fallback.record("inference")
+        return value
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's (padding, results on the host after a device error) over the batched passes
+        above; nnU-Net's own passes on a fault (what nnU-Net's validation calls, once a case)."""
+        return self._or_nnunet(lambda: super(HeartPredictor, self).predict_sliding_window_return_logits(input_image),
+                                "predict_sliding_window_return_logits", input_image)
+
     # ------------------------------------------------------------------ folds
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """The mean of the folds' logits (float32), kept where the sliding window left them (the
-        GPU with perform_everything_on_device); on out-of-memory the sum moves to the host."""
+        GPU with perform_everything_on_device); on out-of-memory the sum moves to the host. On a
+        fault of the extension's code, nnU-Net's own predictor for the case (all folds)."""
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
-        total = None
         try:
-            for params in self.list_of_parameters:
-                network = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
-                network.load_state_dict(params)
-                logits = self.predict_sliding_window_return_logits(data)
-                if total is None:
-                    total = logits.float()
-                    continue
-                try:
-                    total += logits.to(total.device)
-                except _OOM:
-                    _log("out of GPU memory summing the folds; summing them on the host")
-                    total = total.cpu()
-                    total += logits.cpu()
-                del logits
-            if len(self.list_of_parameters) > 1:
-                total /= len(self.list_of_parameters)
-            return total
+            return self._or_nnunet(lambda: self._folds_mean(data), "predict_logits_from_preprocessed_data", data)
         finally:
             torch.set_num_threads(n_threads)
+
+    def _folds_mean(self, data: torch.Tensor) -> torch.Tensor:
+        folds = DeviceSum("the folds")
+        network = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+        for params in self.list_of_parameters:
+            with fallback.input_errors():  # a checkpoint that does not fit the network is not a fault
+                network.load_state_dict(params)
+            folds.add(super().predict_sliding_window_return_logits(data))
+        return folds.mean()
 
     # ------------------------------------------------------------------ cases and export
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                    num_processes_segmentation_export: int = default_num_processes):
         """nnU-Net's loop (same inputs, outputs and files) with the export on the device when the
-        logits are there, else in the workers on the kernels."""
-        with multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) as export_pool:
+        logits are there, else in the workers on the kernels; ends with the count of the cases that
+        fell back to nnU-Net's code (fallback.py), when any did."""
+        with fallback.tally() as run, \
+                multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) as export_pool:
             workers = list(export_pool._pool)
-            results = []
+            pending = []  # (case, result giving an ExportOutcome)
             for preprocessed in data_iterator:
                 data = preprocessed["data"]
                 if isinstance(data, str):
@@ -189,28 +263,25 @@ class HeartPredictor(nnUNetPredictor):
                     os.remove(delfile)
                 ofile = preprocessed["ofile"]
                 properties = preprocessed["data_properties"]
-                print(f"\nPredicting {os.path.basename(ofile)}:" if ofile is not None
-                      else f"\nPredicting image of shape {data.shape}:")
-                while check_workers_alive_and_busy(export_pool, workers, results, allowed_num_queued=2):
+                case = os.path.basename(ofile) if ofile is not None else None
+                run.begin(case)
+                key = case if case is not None else object()  # the case in the run's count
+                print(f"\nPredicting {case}:" if ofile is not None else f"\nPredicting image of shape {data.shape}:")
+                while check_workers_alive_and_busy(export_pool, workers, [r for _, r in pending], allowed_num_queued=2):
                     sleep(0.1)
                 logits = self.predict_logits_from_preprocessed_data(data)
-                results.append(self._export(export_pool, logits, properties, ofile, save_probabilities))
+                pending.append((key, self._export(export_pool, logits, properties, ofile, save_probabilities)))
                 del logits
-                print(f"done with {os.path.basename(ofile)}" if ofile is not None
-                      else f"\nDone with image of shape {data.shape}:")
+                print(f"done with {case}" if ofile is not None else f"\nDone with image of shape {data.shape}:")
             print("Prediction completed. Waiting for remaining segmentation exports to finish...")
             ret = []
-            with tqdm(desc="Collecting results", total=len(results), disable=not self.allow_tqdm) as pbar:
-                for result in results:
-                    while True:
-                        if not all(w.is_alive() for w in workers):
-                            raise RuntimeError("Segmentation export worker died. It was likely killed by your OS "
-                                               "because of insufficient available CPU RAM.")
-                        try:
-                            ret.append(result.get(timeout=0.1))
-                            break
-                        except multiprocessing.TimeoutError:
-                            pass
+            with tqdm(desc="Collecting results", total=len(pending), disable=not self.allow_tqdm) as pbar:
+                for key, result in pending:
+                    outcome = _collect(result, workers)
+                    if outcome.fell_back:  # the worker printed the warning
+                        run.record("export", key)
+                    ret.append(None if outcome.prediction is None
+                               else prediction_export.nnunet_return(outcome.prediction, save_probabilities))
                     pbar.update()
             print("Segmentation export complete.")
         if hasattr(data_iterator, "_finish"):
@@ -220,57 +291,67 @@ class HeartPredictor(nnUNetPredictor):
         return ret
 
     def _export(self, pool, logits: torch.Tensor, properties: dict, ofile, save_probabilities: bool):
-        converted = None
+        """One case's export, as a result giving an ExportOutcome: on the device when the logits
+        are there (a worker then only writes the files), else in a worker on the kernels. A fault
+        of the device path hands the logits to nnU-Net's own export in a worker."""
+        nnunet_only = False
         if logits.device.type != "cpu":
             try:
-                converted = prediction_export.convert_on_device(
-                    logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
-                    save_probabilities)
+                prediction, nnunet_only = fallback.attempt(
+                    lambda: prediction_export.prediction_on_device(
+                        logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
+                        with_probabilities=save_probabilities),
+                    lambda: None, case=fallback.current_case(), what="the extension's export on the device",
+                    instead="export, on the CPU")
             except _OOM:
+                prediction = None
                 empty_cache(self.device)
                 _log("out of GPU memory in the export; exporting on the CPU")
-        if converted is not None:
-            segmentation, probabilities = converted if save_probabilities else (converted, None)
-            if ofile is None:
-                return pool.apply_async(_identity, ((segmentation, probabilities) if save_probabilities
-                                                    else segmentation,))
-            return pool.apply_async(prediction_export.write_prediction,
-                                    (segmentation, probabilities, properties, self.plans_manager, self.dataset_json,
-                                     ofile))
+            if nnunet_only:
+                fallback.record("export")
+            if prediction is not None:
+                if ofile is None:
+                    return _Ready(ExportOutcome(prediction))
+                return pool.apply_async(prediction_export.write_case, (prediction, properties),
+                                        dict(plans_manager=self.plans_manager, dataset_json=self.dataset_json,
+                                             output_file=ofile))
         # nnU-Net hands its workers float16 logits; so does this path (half the bytes to pickle)
-        logits = logits.half().cpu().numpy()
-        if ofile is None:
-            return pool.apply_async(prediction_export.convert_predicted_logits_to_segmentation_with_correct_shape,
-                                    (logits, self.plans_manager, self.configuration_manager, self.label_manager,
-                                     properties, save_probabilities))
-        return pool.apply_async(prediction_export.export_prediction_from_logits,
-                                (logits, properties, self.configuration_manager, self.plans_manager,
-                                 self.dataset_json, ofile, save_probabilities))
+        return pool.apply_async(prediction_export.export_case, (logits.half().cpu().numpy(), properties),
+                                dict(plans_manager=self.plans_manager, configuration_manager=self.configuration_manager,
+                                     dataset_json=self.dataset_json, output_file=ofile,
+                                     with_probabilities=save_probabilities, nnunet_only=nnunet_only))
 
 
-def _identity(x):
-    return x
+def _collect(result, workers) -> ExportOutcome:
+    """The result of one export, watching that the workers stay alive (as nnU-Net does)."""
+    while True:
+        if not all(w.is_alive() for w in workers):
+            raise RuntimeError("Segmentation export worker died. It was likely killed by your OS "
+                               "because of insufficient available CPU RAM.")
+        try:
+            return result.get(timeout=0.1)
+        except multiprocessing.TimeoutError:
+            pass
 
 
 # ---------------------------------------------------------------------- hook
-def is_heart_trainer(trainer_name) -> bool:
-    """Whether nnU-Net's trainer lookup gives a HeartTrainer (sub)class for this name."""
+def extension_inference_for(trainer_name) -> bool:
+    """Whether nnU-Net's trainer lookup gives, for this name, a class that asks for the
+    extension's inference (patching.uses_extension_inference)."""
     if not trainer_name:
         return False
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    from nnunet_heart_ext.trainers.heart_trainer import HeartTrainer
 
     try:
         trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     except Exception:  # a name nnU-Net cannot find: nnU-Net's predictor decides what happens
         return False
-    return isinstance(trainer_class, type) and issubclass(trainer_class, HeartTrainer)
+    return patching.uses_extension_inference(trainer_class)
 
 
 def use_fast_path(predictor) -> bool:
-    """Turn nnU-Net's own predictor of a HeartTrainer model into a HeartPredictor (in place)."""
-    if type(predictor) is not nnUNetPredictor or not is_heart_trainer(predictor.trainer_name):
+    """Turn nnU-Net's own predictor of such a model into a HeartPredictor (in place)."""
+    if type(predictor) is not nnUNetPredictor or not extension_inference_for(predictor.trainer_name):
         return False
     predictor.__class__ = HeartPredictor
     _log(f"{predictor.trainer_name}: the extension's inference (batched windows and mirrors, folds on the device, "
@@ -279,21 +360,16 @@ def use_fast_path(predictor) -> bool:
 
 
 def patch_predict_from_raw_data(module) -> None:
-    """Hook target for nnunetv2.inference.predict_from_raw_data."""
-    cls = module.nnUNetPredictor
-    if getattr(cls, "_nnunet_heart_ext_patched", False):
-        return
-    for name in ("initialize_from_trained_model_folder", "manual_initialization"):
-        original = getattr(cls, name)
+    """Hook target for nnunetv2.inference.predict_from_raw_data: nnUNetPredictor's two
+    initialisations end with `use_fast_path`."""
 
-        def wrapper(self, *args, _original=original, **kwargs):
-            result = _original(self, *args, **kwargs)
+    def make_wrapper(original):
+        def initialization(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
             use_fast_path(self)
             return result
 
-        wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = original.__name__, original.__qualname__, \
-            original.__doc__
-        wrapper.__wrapped__ = original
-        setattr(cls, name, wrapper)
-    cls._nnunet_heart_ext_patched = True
-    module._nnunet_heart_ext_patched = True
+        return initialization
+
+    for name in ("initialize_from_trained_model_folder", "manual_initialization"):
+        patching.wrap(module.nnUNetPredictor, name, make_wrapper)

@@ -19,6 +19,8 @@ unique across nnU-Net's own (a checkpoint stores only the trainer's class name).
 """
 import importlib
 
+from nnunet_heart_ext.nnunet import patching
+
 # The nnU-Net package whose folder nnU-Net searches for each kind of object.
 TRAINERS = "nnunetv2.training.nnUNetTrainer"
 PLANNERS = "nnunetv2.experiment_planning"
@@ -82,19 +84,16 @@ def find_extension_object(name: str, searched_package):
 
 
 def patch_find_class_module(module):
-    """Wrap nnunetv2.utilities.find_class_by_name.recursive_find_python_class with a fallback."""
-    original = module.recursive_find_python_class
-    if getattr(original, "_nnunet_heart_ext", False):
-        return
+    """Hook target for nnunetv2.utilities.find_class_by_name: wrap its recursive_find_python_class
+    with the registry as a fallback (patching.wrap)."""
 
-    def recursive_find_python_class(folder, class_name, current_module, *args, **kwargs):
-        found = original(folder, class_name, current_module, *args, **kwargs)
-        if found is None:
-            found = find_extension_object(class_name, current_module)
-        return found
+    def make_wrapper(original):
+        def recursive_find_python_class(folder, class_name, current_module, *args, **kwargs):
+            found = original(folder, class_name, current_module, *args, **kwargs)
+            if found is None:
+                found = find_extension_object(class_name, current_module)
+            return found
 
-    recursive_find_python_class.__doc__ = original.__doc__
-    recursive_find_python_class._nnunet_heart_ext = True
-    recursive_find_python_class.__wrapped__ = original
-    module.recursive_find_python_class = recursive_find_python_class
-    module._nnunet_heart_ext_patched = True
+        return recursive_find_python_class
+
+    patching.wrap(module, "recursive_find_python_class", make_wrapper)

@@ -15,7 +15,6 @@ preprocessing and export pools) `cores // nnUNet_def_n_proc`, at least one, so t
 workers does not run N x cores threads. NUMBA_NUM_THREADS caps both (the kernel applies it).
 """
 import multiprocessing
-import os
 from typing import List, Tuple, Union
 
 import numpy as np
@@ -27,6 +26,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import (
 )
 
 from nnunet_heart_ext.kernels import resample as kernel
+from nnunet_heart_ext.kernels.cores import usable_cores
 
 
 def resample_data_or_seg_to_shape_numba(data: Union[torch.Tensor, np.ndarray],
@@ -51,11 +51,13 @@ def resample_data_or_seg_to_shape_numba(data: Union[torch.Tensor, np.ndarray],
     do_separate_z, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing,
                                                       separate_z_anisotropy_threshold)
     return kernel.resample(data, new_shape, is_seg, order, order_z, axis if do_separate_z else None,
-                           threads=_threads())
+                           threads=numba_threads())
 
 
-def _threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def numba_threads() -> int:
+    """Threads for one Numba call: every usable core in the main process; in a worker process
+    (nnU-Net's preprocessing and export pools) `cores // nnUNet_def_n_proc`, at least one."""
+    cores = usable_cores()
     if multiprocessing.parent_process() is None:
         return cores
     from nnunetv2.configuration import default_num_processes  # reads nnUNet_def_n_proc

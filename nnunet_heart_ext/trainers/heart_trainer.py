@@ -11,7 +11,8 @@
   previous one whole instead of a cut-short file that --c cannot load.
 
 Everything else is nnU-Net's own `nnUNetTrainer` (case sampling, schedule, validation,
-checkpoints), so results stay comparable with plain nnU-Net.
+checkpoints), so results stay comparable with plain nnU-Net. The class attribute
+`nnunet_heart_ext_inference` asks for the extension's inference at prediction and validation.
 """
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ class HeartTrainer(nnUNetTrainer):
     `schedules.py`; `HeartTrainer_nnUNetLoss` keeps nnU-Net's own loss and `HeartTrainer_nnUNetDA`
     nnU-Net's CPU augmentation, for comparisons; `HeartTrainer_tversky` trains with Tversky + CE."""
 
+    # nnU-Net's predictor of a model of this class (nnUNetv2_predict, the validation) takes the
+    # extension's inference, and the validation its export: the marker the import hook's wrappers
+    # read (nnunet_heart_ext/nnunet/patching.py). False in a subclass keeps nnU-Net's inference.
+    nnunet_heart_ext_inference = True
     # Mirroring at validation and prediction (nnU-Net: on; it is stored in the checkpoint, so
     # nnUNetv2_predict follows it). The CPU schedules switch it off: it costs 8x the sliding-window
     # passes. Training augmentation keeps its mirroring either way.
@@ -163,21 +168,6 @@ class HeartTrainer(nnUNetTrainer):
         if "params" in batch:
             batch = self.augment_on_device(batch)
         return super().train_step(batch)
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's validation, with the extension's inference: its predictor becomes a
-        HeartPredictor (nnunet_heart_ext/nnunet/predictor.py, through the import hook) and the export
-        workers run nnunet_heart_ext.nnunet.prediction_export's export (same files, on the kernels)."""
-        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
-
-        from nnunet_heart_ext.nnunet import prediction_export
-
-        original = trainer_module.export_prediction_from_logits
-        trainer_module.export_prediction_from_logits = prediction_export.export_prediction_from_logits
-        try:
-            return super().perform_actual_validation(save_probabilities)
-        finally:
-            trainer_module.export_prediction_from_logits = original
 
     @torch.no_grad()
     def augment_on_device(self, batch: dict) -> dict:
