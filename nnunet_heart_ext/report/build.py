@@ -234,8 +234,7 @@ def run_tasks(tasks: List[tuple], processes: int) -> List[tuple]:
 
     results = []
     with tqdm(total=len(tasks), desc="report", unit="file") as bar:
-        if processes <= 1 or len(tasks) <= 1:
-            _init_worker()
+        if processes <= 1 or len(tasks) <= 1:  # here (SimpleITK's threads left as the caller set them)
             for function, *arguments in tasks:
                 results.append(function(*arguments))
                 bar.update()
