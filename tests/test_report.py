@@ -386,26 +386,35 @@ def test_cross_validation_dice_curves_and_worst_cases(data, report):
     assert report["page"].read_text().count('reference above, prediction below">') == len(worst)  # pictures' alt
 
 
-def test_training_labels_are_read_once(data, report, monkeypatch, tmp_path):
-    """A second report in the same folder takes the training labels' measures from report.json
-    while the files are unchanged; a changed file is read again."""
+def test_each_file_is_read_once(data, report, monkeypatch, tmp_path):
+    """Every test image, prediction, training label and worst case's file is read once; a second
+    report in the same folder takes the training labels' measures from report.json while the files
+    are unchanged, and reads a changed one again."""
+    from collections import Counter
+
     from nnunet_heart_ext.report import build
 
-    read = []
-    original = build.training_task
-    monkeypatch.setattr(build, "training_task", lambda case, path: read.append(case) or original(case, path))
+    reads = Counter()
+    original = build.read_voxels_once
+    monkeypatch.setattr(build, "read_voxels_once", lambda path: reads.update([str(path)]) or original(path))
     out = tmp_path / "again"
-    shutil.copytree(report["out"], out)
-    inputs = build.Inputs(predictions=data["pred"], images=data["src"] / "testing_image", out=out,
-                          train_labels=data["labels"], processes=1)
+    src = data["src"]
+    inputs = build.Inputs(predictions=data["pred"], images=src / "testing_image", out=out,
+                          train_labels=data["labels"], train_images=[src / d for d in ds.ORGANIZER_TRAIN_IMAGE_DIRS],
+                          models=[data["model"]], worst=1, processes=1)
     build.make_report(inputs)
-    assert read == []
-    again = json.loads((out / ds.REPORT_JSON).read_text())
-    assert again["training_distribution"] == report["json"]["training_distribution"]
-    assert again["cross_validation"] == []  # no model given this time
-    os.utime(data["labels"] / ds.ORGANIZER_LABEL.name(data["train"][0]))
+    assert set(reads.values()) == {1}
+    assert len(reads) == 2 * N_TEST + N_TRAIN + 3 * 2  # test image + prediction; labels; 2 worst cases x 3 files
+    assert json.loads((out / ds.REPORT_JSON).read_text())["training_distribution"] == \
+        report["json"]["training_distribution"]
+    reads.clear()
     build.make_report(inputs)
-    assert read == [data["train"][0]]
+    assert not any(str(data["labels"]) in path for path in reads)
+    changed = data["labels"] / ds.ORGANIZER_LABEL.name(data["train"][0])
+    os.utime(changed)
+    reads.clear()
+    build.make_report(inputs)
+    assert [path for path in reads if str(data["labels"]) in path] == [str(changed)]
 
 
 def test_bad_input_names_the_file_and_writes_nothing(data, tmp_path):

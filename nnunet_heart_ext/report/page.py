@@ -29,7 +29,7 @@ tr.flagged td.case{border-left:4px solid #d55e00} .flag{display:inline-block;bac
 border-radius:3px;padding:1px 5px;margin:1px;font-size:12px;text-align:left} .ok{color:#2a7a2a}
 .swatch{display:inline-block;width:.9em;height:.9em;vertical-align:middle;margin:0 .3em 0 .8em;border-radius:2px}
 img{display:block;image-rendering:auto} dl.prov dt{font-weight:600;float:left;clear:left;width:13em}
-dl.prov dd{margin-left:14em;word-break:break-all} .muted{color:#777} figure{margin:.6em 0}
+dl.prov dd{margin-left:14em;overflow-wrap:anywhere} .muted{color:#777} figure{margin:.6em 0}
 figcaption{font-size:13px;color:#444} td.flags,th.flags{min-width:15em;max-width:22em}
 """
 
