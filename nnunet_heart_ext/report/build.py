@@ -84,29 +84,26 @@ def test_images(folder: Path, problems: List[str]) -> Dict[str, Path]:
     return found
 
 
-def prediction_files(folder: Path, problems: List[str]) -> Dict[str, Path]:
-    """Case -> prediction (nnUNetv2_predict's CASE.nii.gz or the submission's CASE_predict.nii.gz)."""
+def _named(folder: Path, problems: List[str], what: str, names) -> Dict[str, Path]:
+    """Case -> file of `folder` named by the first of `names` (dataset contract names) that fits."""
     found: Dict[str, Path] = {}
-    for f in _listing(folder, problems, "prediction"):
-        case = ds.PREDICTION.case(f.name) or ds.SUBMISSION.case(f.name)
+    for f in _listing(folder, problems, what):
+        case = next((c for c in (n.case(f.name) for n in names) if c is not None), None)
         if case is None:
-            problems.append(f"{f}: unrecognised name (expected {ds.PREDICTION.example} or {ds.SUBMISSION.example})")
+            problems.append(f"{f}: unrecognised name (expected {' or '.join(n.example for n in names)})")
         else:
             _add(found, case, f, problems)
     return found
+
+
+def prediction_files(folder: Path, problems: List[str]) -> Dict[str, Path]:
+    """Case -> prediction (nnUNetv2_predict's CASE.nii.gz or the submission's CASE_predict.nii.gz)."""
+    return _named(folder, problems, "prediction", (ds.PREDICTION, ds.SUBMISSION))
 
 
 def label_files(folder: Path, problems: List[str]) -> Dict[str, Path]:
     """Case -> training label (labelsTr's CASE.nii.gz or the organizer's CASE_gt.nii.gz)."""
-    found: Dict[str, Path] = {}
-    for f in _listing(folder, problems, "training label"):
-        case = ds.RAW_LABEL.case(f.name) or ds.ORGANIZER_LABEL.case(f.name)
-        if case is None:
-            problems.append(f"{f}: unrecognised name (expected {ds.RAW_LABEL.example} or "
-                            f"{ds.ORGANIZER_LABEL.example})")
-        else:
-            _add(found, case, f, problems)
-    return found
+    return _named(folder, problems, "training label", (ds.RAW_LABEL, ds.ORGANIZER_LABEL))
 
 
 def image_files(folders: Sequence[Path]) -> Dict[str, Path]:
