@@ -1,7 +1,7 @@
 """Packaging for nnunet-heart-ext.
 
 Folders are import paths: every package is a folder under nnunet_heart_ext/ (kernels/,
-trainers/, data/, nnunet/, pipeline/), found by find_packages with no package_dir mapping. The
+trainers/, data/, nnunet/, pipeline/, report/), found by find_packages with no package_dir mapping. The
 top-level `kernels` and `trainers` are symlinks to nnunet_heart_ext/kernels and
 nnunet_heart_ext/trainers (the design card's names); the `include` filter keeps them from
 becoming top-level packages.
@@ -63,8 +63,10 @@ setup(
         "SimpleITK",
         "connected-components-3d",
         "isal",
+        "Pillow",
     ],
-    extras_require={"test": ["pytest"]},
+    # selenium drives Debian's Chromium in the report's browser test (tests/browser.py; .ci/run installs both)
+    extras_require={"test": ["pytest", "selenium"]},
     entry_points={"console_scripts": ["nnunet-heart = nnunet_heart_ext.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
 )

@@ -121,17 +121,22 @@ def _command(src: Path, work: Path) -> list:
 
 # ----------------------------------------------------------------------------- what a kill leaves
 def _processes_of(work: Path) -> list:
-    """Processes whose command line names the work folder (the killed run's jobs), zombies aside."""
+    """Processes of the run in `work`, zombies aside: those whose command line names the work folder
+    (the pipeline, its guards) or whose environment does (nnU-Net's commands name no folder: they
+    find it through nnUNet_raw/_preprocessed/_results, which the pipeline points into `work`)."""
     out = []
+    needle = str(work).encode()
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            environ = Path(f"/proc/{name}/environ").read_bytes()
             state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if str(work) in cmdline and state != "Z":
+        mine = needle in cmdline or any(v.startswith(b"nnUNet_") and needle in v for v in environ.split(b"\0"))
+        if mine and state != "Z":
             out.append(int(name))
     return out
 

@@ -1,8 +1,9 @@
-"""`nnunet-heart`: the extension's command line (phantom, prepare, export, pipeline).
+"""`nnunet-heart`: the extension's command line (phantom, prepare, export, report, pipeline).
 
     nnunet-heart phantom  --out DIR [--train 8] [--test 4] [--seed 0] [--full-size]
     nnunet-heart prepare  --src DIR [--test-dir DIR] [--link] [--raw DIR] [--dataset Dataset100_Heart]
     nnunet-heart export   --pred DIR --images DIR --out predict.zip
+    nnunet-heart report   --pred predict.zip|DIR --images DIR --out DIR [--train-labels DIR] [--model DIR ...]
     nnunet-heart predict-ensemble -i DIR -o DIR -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4] [--decision F]
     nnunet-heart decision -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4] [-o DIR]
     nnunet-heart pipeline --src DIR | --demo [options]   (what ensemble_pipeline.sh runs; --help)
@@ -31,6 +32,14 @@ def _prepare(args):
 def _export(args):
     from nnunet_heart_ext.data.export import export
     export(args.pred, args.images, args.out)
+
+
+def _report(args):
+    from nnunet_heart_ext.report.build import Inputs, make_report
+    make_report(Inputs(predictions=args.pred, images=args.images, out=args.out, train_labels=args.train_labels,
+                       train_images=args.train_images or (), models=args.model or (), folds=args.folds,
+                       postprocessing=args.postprocessing, test_summary=args.test_summary, worst=args.worst,
+                       processes=args.np, argv=sys.argv))
 
 
 def _predict_ensemble(args):
@@ -70,7 +79,7 @@ def _decision(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,predict-ensemble,decision,pipeline}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,report,predict-ensemble,decision,pipeline}")
 
     p = sub.add_parser("phantom", help="write a synthetic heart CT dataset in the organizer's layout")
     p.add_argument("--out", required=True, help="folder to create (new, empty, or an earlier phantom)")
@@ -122,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
                               "crossval_results_folds_F.. folder, beside nnU-Net's postprocessing.pkl)")
     p.add_argument("--gt", help="reference segmentations (default: $nnUNet_preprocessed/DATASET/gt_segmentations)")
     p.set_defaults(run=_decision)
+
+    p = sub.add_parser("report", help="a self-contained HTML page of the test predictions (volumes, mass, calcium, "
+                                      "components, pictures, flags against the training labels) and of the "
+                                      "cross-validation (Dice, worst cases, training curves): OUT/index.html, "
+                                      "OUT/report.json")
+    p.add_argument("--pred", required=True, help="the test predictions: a folder (CASE.nii.gz or CASE_predict.nii.gz) "
+                                                 "or predict.zip")
+    p.add_argument("--images", required=True, help="the test images (imagesTs or testing_image)")
+    p.add_argument("--out", required=True, help="the report's folder (index.html, report.json)")
+    p.add_argument("--train-labels", help="training labels (labelsTr or training_label): what the cases are "
+                                          "flagged against")
+    p.add_argument("--train-images", nargs="+", help="training image folder(s) (imagesTr, or training_image1..3): "
+                                                     "the CT under the worst validation cases' pictures")
+    p.add_argument("--model", nargs="+", help="trained model folder(s) TRAINER__PLANS__CONFIGURATION: the "
+                                              "cross-validation section")
+    p.add_argument("--folds", nargs="+", type=int, help="folds of every model (default: every fold_N there)")
+    p.add_argument("--postprocessing", help="the postprocessing.pkl applied (named on the page)")
+    p.add_argument("--test-summary", help="a summary.json of the test predictions against a ground truth "
+                                          "(the demo's test_dice.json)")
+    p.add_argument("--worst", type=int, default=3, help="worst validation cases shown per fold (default 3)")
+    p.add_argument("-np", type=int, help="worker processes (default: every usable core)")
+    p.set_defaults(run=_report)
 
     sub.add_parser("pipeline", help="organizer files -> predict.zip with the official commands, here or on "
                                     "Slurm (what ensemble_pipeline.sh runs; `nnunet-heart pipeline --help`)",

@@ -8,7 +8,8 @@ Neither `nnunet` nor `trainers` imports the other: the trainers ask for the exte
 with a class attribute the predictor reads (nnunet/patching.py). Surprises the table records:
 `data` imports nnunetv2 in one place, lazily
 (data/prepare.py: nnU-Net's generate_dataset_json writes dataset.json); `pipeline` imports no
-plug-in: it runs nnU-Net's and the extension's commands as subprocesses.
+plug-in: it runs nnU-Net's and the extension's commands as subprocesses (`nnunet-heart report`
+too: the pipeline does not import `report`, which reads nnU-Net's outputs itself, without nnunetv2).
 """
 import ast
 import os
@@ -36,9 +37,10 @@ LAYERS = {
     "trainers": ({"kernels", "data", "trainers"},
                  {"numpy", "torch", "nnunetv2", "batchgenerators", "acvl_utils"}),
     "pipeline": ({"data", "pipeline"}, {"torch", "nnunetv2"}),
+    "report": ({"kernels", "data", "report"}, {"numpy", "SimpleITK", "cc3d", "PIL", "tqdm"}),
     "cli": (ANY, ANY),
 }
-SUBPACKAGES = {"kernels", "data", "nnunet", "trainers", "pipeline"}
+SUBPACKAGES = {"kernels", "data", "nnunet", "trainers", "pipeline", "report"}
 
 
 def layer_of(module: str):
@@ -120,6 +122,9 @@ def test_the_checker_finds_violations():
     assert violations("nnunet", "from nnunet_heart_ext.pipeline import steps") != []
     assert violations("trainers", "from nnunet_heart_ext.pipeline.options import parse") != []
     assert violations("pipeline", "from nnunet_heart_ext.nnunet import predictor") != []
+    assert violations("pipeline", "from nnunet_heart_ext.report import build") != []
+    assert violations("report", "from nnunet_heart_ext.pipeline import nnunet_outputs") != []
+    assert violations("report", "import torch") != [] and violations("report", "import matplotlib") != []
     assert violations("root", "import numpy") != [] and violations("root", "import nnunet_heart_ext.data") != []
     assert violations("kernels", "import os, math\nimport numpy as np\nfrom nnunet_heart_ext.kernels import _triton\n"
                                  "def f():\n    import torch, triton.language") == []

@@ -125,6 +125,32 @@ def test_end_to_end_predict_zip(runs, setup):
 
 
 @pytest.mark.slow
+def test_the_run_ends_with_the_report(runs):
+    """The report step, after export: WORK/report/index.html and report.json of predict.zip (every
+    test case), the four folds' validation Dice as their summary.json holds it, and each fold's
+    training curve from nnU-Net's own logs (folds 1 and 2: two logs, killed and continued). The
+    tests of the report itself are tests/test_report.py; --status naming it,
+    test_done_checks_start_no_process."""
+    work = runs["work"]
+    assert "$ nnunet-heart report --pred " + str(work / "predict.zip") in runs["c"]
+    assert f"report: {work / 'report' / 'index.html'}" in runs["c"]
+    report = json.loads((work / "report" / "report.json").read_text())
+    assert sorted(t["case"] for t in report["test"]) == TEST_CASES
+    assert all(t["prediction"].startswith(f"{work / 'predict.zip'}:") for t in report["test"])
+    assert report["training_distribution"]["cases"] == 5
+    folds = {f["fold"]: f for f in report["cross_validation"]}
+    assert sorted(folds) == [0, 1, 2, 3]
+    for fold, f in folds.items():
+        summary = json.loads((_fold_dir(work, fold) / "validation" / "summary.json").read_text())
+        dice = summary["mean"]["1"]["Dice"]
+        assert f["mean_dice"][0] == pytest.approx(dice) or (f["mean_dice"][0] is None and np.isnan(dice))
+        assert f["curve"]["epochs"] == [0, 1, 2] and f["curve"]["epochs_per_hour"] > 0  # 3 epochs
+        assert len(f["curve"]["logs"]) == (2 if fold in (1, 2) else 1)
+    page = (work / "report" / "index.html").read_text()
+    assert page.count('<tr class="case') == len(TEST_CASES)
+
+
+@pytest.mark.slow
 def test_only_runs_the_named_steps_and_folds(runs):
     a = runs["a"]
     assert "train_3d_fullres_fold0 started" in a and "train_2d_fold0 started" in a
@@ -199,7 +225,7 @@ def test_killed_run_resumes_without_retraining_finished_folds(runs):
 
 @pytest.mark.slow
 def test_rerun_finds_every_step_done_in_process(runs):
-    for step in ("prepare", "plan", "train", "validate", "best", "predict", "postprocess", "export"):
+    for step in ("prepare", "plan", "train", "validate", "best", "predict", "postprocess", "export", "report"):
         assert f"{step}: already done" in runs["d"], step
     assert {p: _digest(p) for p in runs["after_c"]} == runs["after_c"]
     assert runs["d_seconds"] < 30  # no command, no extra Python start-up to ask what is done
@@ -224,7 +250,7 @@ def test_done_checks_start_no_process(runs, setup, monkeypatch, capsys):
     assert main(argv + ["--status", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["step"] for r in rows] == ["prepare", "plan", "train", "validate", "best", "predict", "postprocess",
-                                         "export"]
+                                         "export", "report"]
     assert all(r["done"] for r in rows), rows
     assert main(argv) == 0
     assert "export: already done" in capsys.readouterr().out
@@ -449,14 +475,15 @@ def test_dry_run_and_status_print_the_commands_in_order_and_change_nothing(tmp_p
                 "nnUNetv2_train 100 3d_fullres 0", "nnUNetv2_train 100 3d_fullres 1", "nnUNetv2_train 100 3d_fullres 2",
                 "nnUNetv2_find_best_configuration 100 -c 3d_fullres", "nnunet-heart decision", "nnUNetv2_predict",
                 "nnUNetv2_predict",
-                "nnUNetv2_apply_postprocessing", "nnunet-heart export"]
+                "nnUNetv2_apply_postprocessing", "nnunet-heart export", "nnunet-heart report"]
     assert len(commands) == len(expected) and all(c.startswith(e) for c, e in zip(commands, expected)), commands
     assert "--seed 3" in commands[0] and "-num_parts 2 -part_id 1" in commands[9]
     assert "-np 2 -npfp 2" in commands[2] and "-npp 2 -nps 2" in commands[8]  # the CPU defaults
-    assert "(in this process) Dice per class" in p.stdout  # the demo's score, last
+    assert "(in this process) Dice per class" in p.stdout  # the demo's score, before the report
+    assert "--test-summary" in commands[-1] and "-np 2" in commands[-1]
     s = subprocess.run(base + ["--status", "--json"], env=_env(), capture_output=True, text=True, timeout=120)
     rows = json.loads(s.stdout)
-    assert [r["step"] for r in rows][-1] == "score" and not any(r["done"] for r in rows)
+    assert [r["step"] for r in rows][-2:] == ["score", "report"] and not any(r["done"] for r in rows)
     assert "holds no phantom" in rows[0]["reason"]
     assert not work.exists()
 

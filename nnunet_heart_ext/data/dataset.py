@@ -70,18 +70,46 @@ DECISION = "heart_decision.json"  # the decision offsets and gate, beside nnU-Ne
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
+_MODEL_SEP = "__"
+
+
 def model_folder(trainer: str, plans: str, configuration: str) -> str:
     """nnU-Net's results folder of one trained model."""
-    return f"{trainer}__{plans}__{configuration}"
+    return _MODEL_SEP.join((trainer, plans, configuration))
+
+
+def model_of_folder(name: str) -> Optional[Dict[str, str]]:
+    """trainer, plans and configuration of a results folder named by `model_folder` (None if not)."""
+    parts = name.split(_MODEL_SEP)
+    if len(parts) != 3 or not all(parts):
+        return None
+    return dict(trainer=parts[0], plans=parts[1], configuration=parts[2])
+
+
+_FOLD = re.compile(r"^fold_(\d+)$")
 
 
 def fold_folder(fold: int) -> str:
     return f"fold_{fold}"
 
 
+def fold_of_folder(name: str) -> Optional[int]:
+    """The fold of a folder named by `fold_folder` (None if not)."""
+    m = _FOLD.match(name)
+    return int(m.group(1)) if m else None
+
+
 VALIDATION_FOLDER = "validation"
 VALIDATION_SUMMARY = "summary.json"  # nnU-Net's metrics of a fold's validation (also compute_metrics' output)
 MODEL_PLANS = "plans.json"  # the plans nnUNetv2_train copies into a model's results folder
+POSTPROCESSING_JSON = "postprocessing.json"  # written by nnU-Net beside postprocessing.pkl: what it chose, readable
+# nnUNetTrainer's log of one training run, training_log_YYYY_M_D_HH_MM_SS.txt (one per start, resumed runs too)
+TRAINING_LOG = re.compile(r"^training_log_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)_(\d+)\.txt$")
+
+# ----------------------------------------------------------------------------- the report (`nnunet-heart report`)
+# written by the report layer, checked by the pipeline's report step
+REPORT_HTML = "index.html"
+REPORT_JSON = "report.json"
 
 
 # ----------------------------------------------------------------------------- file names

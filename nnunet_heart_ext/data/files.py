@@ -98,14 +98,16 @@ def replace_atomically(write: Callable[[Path], object], final: Path, operation: 
     final = Path(final)
     tmp = partial_path(final)
     try:
-        for attempt in range(3):
-            tmp.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(5):
+            _make_folder(tmp.parent)
             try:
                 write(tmp)
                 break
-            except BaseException:
+            except BaseException as e:
                 # a concurrent writer removed the (empty) partial folder between our mkdir and write
-                if attempt < 2 and not tmp.parent.is_dir():
+                # (and another may have made it again since)
+                if attempt < 4 and (isinstance(e, FileNotFoundError) or not tmp.parent.is_dir()):
+                    _remove(tmp)
                     continue
                 raise
         if not tmp.exists() and not tmp.is_symlink():
@@ -123,6 +125,16 @@ def replace_atomically(write: Callable[[Path], object], final: Path, operation: 
         raise
     _remove_if_empty(tmp.parent)  # other writers may be using it
     return final
+
+
+def _make_folder(folder: Path) -> None:
+    """mkdir -p, tolerating a concurrent writer that removes the folder while it is made (Path.mkdir
+    with exist_ok raises FileExistsError when the folder vanishes between its two checks); the
+    write that follows then fails and is retried."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        pass
 
 
 FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full disk

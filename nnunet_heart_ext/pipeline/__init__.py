@@ -9,7 +9,7 @@ with nnU-Net's official commands, resumable, here or on Slurm.
     checks.py          what "done" means in files: Check, a fold's typed State, the file checks
     steps/             each step: its official commands, "done, or why not", the steps it needs
                        (base.py; data.py: prepare, plan; model.py: train, validate, best;
-                       inference.py: predict, postprocess, export, score)
+                       inference.py: predict, postprocess, export, score, report)
     launcher.py        the Launcher interface, the dry run's listing
     launchers.py       the run's slots, picking a launcher
     local.py           LocalLauncher: here (GPU slots, CPU parallel)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from nnunet_heart_ext.data import dataset as ds
-from nnunet_heart_ext.pipeline.options import LOGS, PREDICTIONS, SLURM, TEST_DICE, Options
+from nnunet_heart_ext.pipeline.options import LOGS, PREDICTIONS, REPORT, SLURM, TEST_DICE, Options
 
 ENSEMBLE, POSTPROCESSED = "ensemble", "postprocessed"  # in the predictions folder
 JOB_RECORDS = "jobs.jsonl"                              # in the logs: one line per finished local job
@@ -55,6 +55,11 @@ class Layout:
         return self.work / LOCKS / f"{name}.lock"
 
     test_dice = ds.below("work", TEST_DICE)
+
+    # ------------------------------------------------------------------ the report (`nnunet-heart report`)
+    report_dir = ds.below("work", REPORT)
+    report_html = ds.below("work", REPORT, ds.REPORT_HTML, doc="The report's page: open it in a browser.")
+    report_json = ds.below("work", REPORT, ds.REPORT_JSON, doc="The report's numbers, written after the page.")
 
     # ------------------------------------------------------------------ predictions
     predictions = ds.below("work", PREDICTIONS)

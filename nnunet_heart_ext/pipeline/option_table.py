@@ -36,6 +36,10 @@ same command after a stop), and logs each command line before it runs. Steps:
   postprocess  nnUNetv2_apply_postprocessing with the chosen postprocessing.pkl
   export       nnunet-heart export -> predict.zip (flat, CASE_predict.nii.gz)
   score        (--demo only) Dice per class of predict.zip against the synthetic ground truth
+  report       nnunet-heart report -> WORK/report/index.html: one static page (open it in any
+               browser) of the test predictions (volumes, myocardium mass, calcium, components,
+               pictures; cases flagged against the training labels) and of the cross-validation
+               (Dice per fold and case, worst cases, training curves), and report.json
 
 """
 
@@ -154,7 +158,7 @@ OPTIONS: Tuple[Opt, ...] = (
                                   "HeartTrainer_demo on one fold with both cores (of the folds whose validation\n"
                                   "holds a calcified case, which nnUNetv2_find_best_configuration needs, the one\n"
                                   "training on the most calcified cases),\n"
-                                  "--no-tta, then Dice per class on the test cases"),),
+                                  "--no-tta, then Dice per class on the test cases and the report"),),
         action="store_true", passed_on=True),
     Opt("--seed", _O, (("--seed N", "with --demo: the phantom's seed (default {default}) {env}"),),
         env="HEART_SEED", default="0", passed_on=lambda o: o.seed if o.demo else None),
@@ -164,8 +168,8 @@ OPTIONS: Tuple[Opt, ...] = (
                                                 "--array\n"
                                                 "(one GPU each; a task trains and validates one fold), then best, "
                                                 "predict\n"
-                                                "(one GPU) and postprocess+export(+score), each afterok on the jobs "
-                                                "before;\n"
+                                                "(one GPU) and postprocess+export(+score)+report, each afterok on the "
+                                                "jobs before;\n"
                                                 "a failed job's dependents are cancelled. Job logs: WORK/logs/slurm/.\n"
                                                 "Rerunning submits only what is neither done nor already queued or "
                                                 "running.\n"

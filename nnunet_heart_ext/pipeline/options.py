@@ -19,11 +19,11 @@ from nnunet_heart_ext.pipeline.errors import PipelineError  # noqa: F401  (re-ex
 from nnunet_heart_ext.pipeline.demo import DEMO, DEMO_WORK_DEFAULT, demo_fold  # noqa: F401  (DEMO: re-exported)
 from nnunet_heart_ext.pipeline.option_table import OPT, OPTIONS, SUBMISSION, USAGE, WORK_DEFAULT
 
-STEPS = ("prepare", "plan", "train", "validate", "best", "predict", "postprocess", "export", "score")
+STEPS = ("prepare", "plan", "train", "validate", "best", "predict", "postprocess", "export", "score", "report")
 LAUNCHERS = ("local", "slurm")
 
 # the pipeline's own folders and files in its work folder (WORK_DEFAULT, SUBMISSION: option_table.py)
-LOGS, PREDICTIONS, PHANTOM, SLURM = "logs", "predictions", "phantom", "slurm"
+LOGS, PREDICTIONS, PHANTOM, SLURM, REPORT = "logs", "predictions", "phantom", "slurm", "report"
 TEST_DICE = "test_dice.json"
 
 

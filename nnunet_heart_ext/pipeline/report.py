@@ -1,5 +1,6 @@
 """What the pipeline tells the user: each step's state (--status, --status --json), the Dice
-tables (validation per fold, the demo's test score) and the closing summary.
+tables (validation per fold, the demo's test score) and the closing summary (the page with
+pictures is `nnunet-heart report`'s, the report step: nnunet_heart_ext/report/).
 
 Everything here reads files that nnU-Net's own commands wrote (through nnunet_outputs.py, at the
 paths of layout.py); scoring uses nnU-Net's own `compute_metrics_on_folder_simple`.
@@ -143,5 +144,7 @@ def summary(ctx, timings: Dict[str, tuple]) -> str:
         lines += ["", dice_table(layout.test_dice)]
     if layout.submission.is_file():
         lines += ["", f"submission: {layout.submission}"]
+    if layout.report_html.is_file():
+        lines += [f"report: {layout.report_html} (open it in a browser before uploading)"]
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 Each job runs this pipeline on the local launcher for its part (so every job decides from the
 outputs, as a local run does, and logs the official command lines it runs): prepare+plan, the
 folds as one array (train+validate per task, one GPU each), best, predict (one GPU),
-postprocess+export(+score), each `afterok` on the jobs before it, so that a failed job's
+postprocess+export(+score)+report, each `afterok` on the jobs before it, so that a failed job's
 dependents are cancelled by Slurm itself. A rerun submits only what is neither done nor queued or
 running (and cancels and replaces a queued job whose dependencies were replaced). `--wait`
 follows the jobs to their end. The calls to Slurm and the record of submissions (recorded before
@@ -30,7 +30,7 @@ from nnunet_heart_ext.pipeline.terminal import TERMINAL, log_tail, note
 
 UNITS = [Unit("prep", ["prepare", "plan"]), Unit("train", ["train", "validate"], gpu=True, array=True),
          Unit("best", ["best"]), Unit("predict", ["predict"], gpu=True),
-         Unit("finish", ["postprocess", "export", "score"])]
+         Unit("finish", ["postprocess", "export", "score", "report"])]
 
 
 class SlurmLauncher(Launcher):

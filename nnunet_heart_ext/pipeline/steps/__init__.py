@@ -3,7 +3,7 @@
     base.py       Step (check, waves, needs), Job, Action, Wave, NotReady
     data.py       prepare, plan
     model.py      train, validate, best (a fold's typed state)
-    inference.py  predict, postprocess, export, score
+    inference.py  predict, postprocess, export, score, report
 
 A step's `check()` decides from the step's outputs alone, in this process and without running
 anything, whether the step is finished, and says why not: outputs missing, incomplete (a file
@@ -29,6 +29,8 @@ What each step's outputs are:
   postprocess  one complete segmentation per test image, newer than the prediction it came from
   export       the zip holding exactly CASE_predict.nii.gz of every postprocessed case, newer than them
   score        test_dice.json newer than the zip
+  report       WORK/report/index.html and report.json (`nnunet-heart report`), newer than the zip, every
+               fold's validation summary and (demo) test_dice.json
 """
 from typing import List
 
@@ -36,13 +38,14 @@ from nnunet_heart_ext.pipeline.checks import Check, Kind, State
 from nnunet_heart_ext.pipeline.context import Context
 from nnunet_heart_ext.pipeline.steps.base import Action, Job, NotReady, Step, Wave
 from nnunet_heart_ext.pipeline.steps.data import Plan, Prepare
-from nnunet_heart_ext.pipeline.steps.inference import Export, Postprocess, Predict, Score
+from nnunet_heart_ext.pipeline.steps.inference import Export, Postprocess, Predict, Report, Score
 from nnunet_heart_ext.pipeline.steps.model import Best, Train, Validate, labels_without_validation_dice
 
-STEP_CLASSES = {cls.name: cls for cls in (Prepare, Plan, Train, Validate, Best, Predict, Postprocess, Export, Score)}
+STEP_CLASSES = {cls.name: cls for cls in (Prepare, Plan, Train, Validate, Best, Predict, Postprocess, Export, Score,
+                                          Report)}
 
 __all__ = ["Action", "Best", "Check", "Context", "Export", "Job", "Kind", "NotReady", "Plan", "Postprocess",
-           "Predict", "Prepare", "STEP_CLASSES", "Score", "State", "Step", "Train", "Validate", "Wave",
+           "Predict", "Prepare", "Report", "STEP_CLASSES", "Score", "State", "Step", "Train", "Validate", "Wave",
            "labels_without_validation_dice", "make_steps"]
 
 

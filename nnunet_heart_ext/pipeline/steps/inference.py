@@ -1,6 +1,7 @@
 """The inference steps: predict (the chosen model, or the chosen models' ensemble, on the test
-images), postprocess (the chosen postprocessing), export (predict.zip) and score (the demo's
-Dice against its ground truth).
+images), postprocess (the chosen postprocessing), export (predict.zip), score (the demo's
+Dice against its ground truth) and report (`nnunet-heart report`: the page to look at before
+uploading).
 
 The module functions say what the predict and postprocess steps' outputs are; the later steps
 ask them (and the layout) instead of constructing those steps.
@@ -278,3 +279,53 @@ class Score(Step):
 
         yield Wave([Action("score", f"Dice per class of {submission} against the test ground truth "
                                     f"(nnU-Net's compute_metrics_on_folder_simple) -> {out}", run)])
+
+
+class Report(Step):
+    """`nnunet-heart report` (nnunet_heart_ext/report/, run as a command: the pipeline does not import
+    it): WORK/report/index.html and report.json, of predict.zip (exactly what is uploaded), the
+    training labels, and every configuration's folds. Done when both are there, report.json
+    whole, and neither is older than what they are made from (`inputs`)."""
+    name = "report"
+    needs = ("prepare", "validate", "export")  # test images and training labels; the folds' validation; the zip
+
+    def writes(self) -> List[Path]:
+        return [self.layout.report_dir]
+
+    def inputs(self) -> List[Path]:
+        """What the report is made from: the submission, each fold's validation summary, the demo's
+        test score."""
+        paths = [self.layout.submission]
+        paths += [self.layout.validation_summary(c, f) for c in self.o.configs for f in self.o.folds]
+        return paths + ([self.layout.test_dice] if self.o.demo else [])
+
+    def check(self) -> Check:
+        page, numbers = self.layout.report_html, self.layout.report_json
+        for path in (page, numbers):
+            if not path.is_file():
+                return Check(False, f"{path} is missing")
+        problem = json_problem(numbers)  # written last: a whole report.json means the page is whole too
+        if problem:
+            return Check(False, f"{numbers} is {problem}")
+        made = min(mtime(page), mtime(numbers))
+        newer = [p for p in self.inputs() if p.exists() and mtime(p) > made]
+        if newer:
+            return Check(False, f"{numbers} is older than {newer[0]}")
+        return Check(True, f"{page}")
+
+    def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
+        layout, raw = self.layout, self.layout.raw
+        if not assume and not layout.submission.is_file():
+            raise NotReady(f"{layout.submission} missing: run the export step first")
+        argv = ["nnunet-heart", "report", "--pred", str(layout.submission), "--images", str(raw.images_ts),
+                "--train-labels", str(raw.labels_tr), "--train-images", str(raw.images_tr),
+                "--model", *(str(layout.model_dir(c)) for c in self.o.configs), "--folds", *map(str, self.o.folds),
+                "--out", str(layout.report_dir)]
+        info = layout.inference_information
+        if info.is_file() and not json_problem(info):
+            argv += ["--postprocessing", str(nnunet_outputs.read_inference_information(info).postprocessing_file)]
+        if self.o.demo and (assume or layout.test_dice.is_file()):
+            argv += ["--test-summary", str(layout.test_dice)]
+        if self.ctx.n_proc:
+            argv += ["-np", self.ctx.n_proc]
+        yield Wave([Job("report", argv, layout.log("report"))])
