@@ -38,7 +38,8 @@ def _report(args):
     from nnunet_heart_ext.report.build import Inputs, make_report
     make_report(Inputs(predictions=args.pred, images=args.images, out=args.out, train_labels=args.train_labels,
                        train_images=args.train_images or (), models=args.model or (), folds=args.folds,
-                       postprocessing=args.postprocessing, test_summary=args.test_summary, worst=args.worst,
+                       postprocessing=args.postprocessing, test_summary=args.test_summary, decision=args.decision,
+                       worst=args.worst,
                        processes=args.np, argv=sys.argv))
 
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocessing", help="the postprocessing.pkl applied (named on the page)")
     p.add_argument("--test-summary", help="a summary.json of the test predictions against a ground truth "
                                           "(the demo's test_dice.json)")
+    p.add_argument("--decision", help="heart_decision.json (nnunet-heart decision): the offsets and gate applied, "
+                                      "and each fold's validation Dice with and without them")
     p.add_argument("--worst", type=int, default=3, help="worst validation cases shown per fold (default 3)")
     p.add_argument("-np", type=int, help="worker processes (default: every usable core)")
     p.set_defaults(run=_report)

@@ -323,7 +323,10 @@ class Report(Step):
                 "--out", str(layout.report_dir)]
         info = layout.inference_information
         if info.is_file() and not json_problem(info):
-            argv += ["--postprocessing", str(nnunet_outputs.read_inference_information(info).postprocessing_file)]
+            chosen = nnunet_outputs.read_inference_information(info)
+            argv += ["--postprocessing", str(chosen.postprocessing_file)]
+            if layout.decision_file(chosen).is_file():
+                argv += ["--decision", str(layout.decision_file(chosen))]
         if self.o.demo and (assume or layout.test_dice.is_file()):
             argv += ["--test-summary", str(layout.test_dice)]
         if self.ctx.n_proc:
