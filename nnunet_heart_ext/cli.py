@@ -4,7 +4,8 @@
     nnunet-heart prepare  --src DIR [--test-dir DIR] [--link] [--raw DIR] [--dataset Dataset100_Heart]
     nnunet-heart export   --pred DIR --images DIR --out predict.zip
     nnunet-heart report   --pred predict.zip|DIR --images DIR --out DIR [--train-labels DIR] [--model DIR ...]
-    nnunet-heart predict-ensemble -i DIR -o DIR -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4]
+    nnunet-heart predict-ensemble -i DIR -o DIR -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4] [--decision F]
+    nnunet-heart decision -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4] [-o DIR]
     nnunet-heart pipeline --src DIR | --demo [options]   (what ensemble_pipeline.sh runs; --help)
 
 Invalid input is reported one problem per line, each naming its file, with exit status 1 and
@@ -37,7 +38,8 @@ def _report(args):
     from nnunet_heart_ext.report.build import Inputs, make_report
     make_report(Inputs(predictions=args.pred, images=args.images, out=args.out, train_labels=args.train_labels,
                        train_images=args.train_images or (), models=args.model or (), folds=args.folds,
-                       postprocessing=args.postprocessing, test_summary=args.test_summary, worst=args.worst,
+                       postprocessing=args.postprocessing, test_summary=args.test_summary, decision=args.decision,
+                       worst=args.worst,
                        processes=args.np, argv=sys.argv))
 
 
@@ -47,16 +49,38 @@ def _predict_ensemble(args):
     try:
         predict_ensemble(args.m, args.i, args.o, folds=folds, checkpoint=args.chk, device=args.device,
                          use_mirroring=not args.disable_tta, num_parts=args.num_parts, part_id=args.part_id,
-                         overwrite=not args.continue_prediction)
+                         overwrite=not args.continue_prediction, decision_file=args.decision)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or model folders: the message names them
         print(f"nnunet-heart predict-ensemble: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _decision(args):
+    from pathlib import Path
+
+    from nnunet_heart_ext.nnunet.decision import choose
+
+    folds = [f if f == "all" else int(f) for f in args.f]
+    gt = args.gt
+    if gt is None:
+        from nnunetv2.paths import nnUNet_preprocessed
+
+        if not nnUNet_preprocessed:
+            print("nnunet-heart decision: error: $nnUNet_preprocessed is not set; name the references with --gt",
+                  file=sys.stderr)
+            raise SystemExit(1)
+        gt = Path(nnUNet_preprocessed) / Path(args.m[0]).resolve().parent.name / "gt_segmentations"
+    try:
+        choose(args.m, folds, Path(gt), Path(args.o) if args.o else None)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nnunet-heart decision: error: {e}", file=sys.stderr)
         raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-heart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,report,predict-ensemble,pipeline}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{phantom,prepare,export,report,predict-ensemble,decision,pipeline}")
 
     p = sub.add_parser("phantom", help="write a synthetic heart CT dataset in the organizer's layout")
     p.add_argument("--out", required=True, help="folder to create (new, empty, or an earlier phantom)")
@@ -96,7 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("-part_id", type=int, default=0, help="the part this process predicts (0-based)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases already written")
+    p.add_argument("--decision", help="heart_decision.json chosen on the ensemble's validation (nnunet-heart "
+                                      "decision): its offsets and gate decide the labels (default: argmax)")
     p.set_defaults(run=_predict_ensemble)
+
+    p = sub.add_parser("decision", help="choose per-class decision offsets and a has-calcium gate on the "
+                                        "cross-validation (written beside postprocessing.pkl)")
+    p.add_argument("-m", nargs="+", required=True, help="trained model folder(s) (several: their ensemble)")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0-4)")
+    p.add_argument("-o", help="folder to write heart_decision.json to (default: the single model's "
+                              "crossval_results_folds_F.. folder, beside nnU-Net's postprocessing.pkl)")
+    p.add_argument("--gt", help="reference segmentations (default: $nnUNet_preprocessed/DATASET/gt_segmentations)")
+    p.set_defaults(run=_decision)
 
     p = sub.add_parser("report", help="a self-contained HTML page of the test predictions (volumes, mass, calcium, "
                                       "components, pictures, flags against the training labels) and of the "
@@ -116,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocessing", help="the postprocessing.pkl applied (named on the page)")
     p.add_argument("--test-summary", help="a summary.json of the test predictions against a ground truth "
                                           "(the demo's test_dice.json)")
+    p.add_argument("--decision", help="heart_decision.json (nnunet-heart decision): the offsets and gate applied, "
+                                      "and each fold's validation Dice with and without them")
     p.add_argument("--worst", type=int, default=3, help="worst validation cases shown per fold (default 3)")
     p.add_argument("-np", type=int, help="worker processes (default: every usable core)")
     p.set_defaults(run=_report)

@@ -473,11 +473,12 @@ def test_dry_run_and_status_print_the_commands_in_order_and_change_nothing(tmp_p
     expected = ["nnunet-heart phantom", "nnunet-heart prepare",
                 "nnUNetv2_plan_and_preprocess -d 100 -pl HeartDemoPlanner",
                 "nnUNetv2_train 100 3d_fullres 0", "nnUNetv2_train 100 3d_fullres 1", "nnUNetv2_train 100 3d_fullres 2",
-                "nnUNetv2_find_best_configuration 100 -c 3d_fullres", "nnUNetv2_predict", "nnUNetv2_predict",
+                "nnUNetv2_find_best_configuration 100 -c 3d_fullres", "nnunet-heart decision", "nnUNetv2_predict",
+                "nnUNetv2_predict",
                 "nnUNetv2_apply_postprocessing", "nnunet-heart export", "nnunet-heart report"]
     assert len(commands) == len(expected) and all(c.startswith(e) for c, e in zip(commands, expected)), commands
-    assert "--seed 3" in commands[0] and "-num_parts 2 -part_id 1" in commands[8]
-    assert "-np 2 -npfp 2" in commands[2] and "-npp 2 -nps 2" in commands[7]  # the CPU defaults
+    assert "--seed 3" in commands[0] and "-num_parts 2 -part_id 1" in commands[9]
+    assert "-np 2 -npfp 2" in commands[2] and "-npp 2 -nps 2" in commands[8]  # the CPU defaults
     assert "(in this process) Dice per class" in p.stdout  # the demo's score, before the report
     assert "--test-summary" in commands[-1] and "-np 2" in commands[-1]
     s = subprocess.run(base + ["--status", "--json"], env=_env(), capture_output=True, text=True, timeout=120)

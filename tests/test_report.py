@@ -460,3 +460,40 @@ def test_the_page_in_a_real_browser(data, report):
     assert sorted(rows) == data["cases"]
     assert n_images == len(data["cases"]) + len(report["json"]["worst_validation_cases"])
     assert svg >= 2 * 2 * 2  # two folds, two panels, two lines each
+
+
+def test_decision_offsets_and_what_they_bought_are_on_the_page(data, tmp_path):
+    """Given the heart_decision.json of `nnunet-heart decision`, the page and report.json show the
+    offsets and gate chosen and each fold's validation Dice with nnU-Net's argmax and with them,
+    the file's own numbers; a file that is no decision is one line naming it, nothing written."""
+    from nnunet_heart_ext.data import decision_file
+    from nnunet_heart_ext.data.io import DatasetError
+    from nnunet_heart_ext.kernels.decision import Choice, Decision, Grid
+    from nnunet_heart_ext.report.build import Inputs, make_report
+
+    rng = np.random.default_rng()
+    without = {f: [float(v) for v in rng.uniform(0.3, 0.9, 3)] for f in (0, 1)}
+    better = {f: [min(1.0, v + float(rng.uniform(0.01, 0.1))) for v in without[f]] for f in (0, 1)}
+    offsets = (0.0, 0.0, round(float(rng.uniform(0.1, 1.5)), 2), round(float(rng.uniform(0.1, 3.0)), 2))
+    choice = Choice(Decision(offsets, 3, 4.0), without, better, float(np.mean([np.mean(v) for v in without.values()])),
+                    float(np.mean([np.mean(v) for v in better.values()])), 42)
+    path = decision_file.write(tmp_path / ds.DECISION, choice, [data["model"]], [0, 1],
+                               Grid({2: (0.0, offsets[2]), 3: (0.0, offsets[3])}, 3, (0.0, 4.0)))
+    src = data["src"]
+    out = tmp_path / "report"
+    page = make_report(Inputs(predictions=data["zip"], images=src / "testing_image", out=out, models=[data["model"]],
+                              decision=path, worst=0, processes=1)).read_text()
+    shown = json.loads((out / ds.REPORT_JSON).read_text())["decision"]
+    assert shown["offsets"] == list(offsets) and shown["gated_label"] == 3 and shown["gate_mm3"] == 4.0
+    assert shown["mean_foreground_dice"]["with_decision"] == pytest.approx(choice.objective_with)
+    for f in (0, 1):
+        for k, (a, b) in enumerate(zip(without[f], better[f]), start=1):
+            assert shown["validation_dice"][str(f)]["nnunet"][str(k)] == pytest.approx(a)
+            assert shown["validation_dice"][str(f)]["with_decision"][str(k)] == pytest.approx(b)
+            assert f"{a:.4f}" in page and f"{b:.4f}" in page
+    assert "id='decision'" in page and f"{offsets[3]:+g}" in page and "kept from 4 mm3" in page
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DatasetError, match="bad.json"):
+        make_report(Inputs(predictions=data["zip"], images=src / "testing_image", out=tmp_path / "r2",
+                           decision=tmp_path / "bad.json", processes=1))
+    assert not (tmp_path / "r2").exists()

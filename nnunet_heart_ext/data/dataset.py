@@ -66,6 +66,7 @@ DATASET_JSON = "dataset.json"
 SPLITS_JSON = "splits_final.json"
 GT_SEGMENTATIONS = "gt_segmentations"
 INFERENCE_INFORMATION = "inference_information.json"
+DECISION = "heart_decision.json"  # the decision offsets and gate, beside nnU-Net's postprocessing.pkl
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 

@@ -30,7 +30,9 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from tqdm import tqdm
 
-from nnunet_heart_ext.nnunet import fallback, prediction_export
+from nnunet_heart_ext.data import decision_file as decision_file_
+from nnunet_heart_ext.kernels.decision import labels as decided_labels
+from nnunet_heart_ext.nnunet import decision, fallback, prediction_export
 from nnunet_heart_ext.nnunet.prediction_export import Prediction
 from nnunet_heart_ext.nnunet.predictor import DeviceSum
 
@@ -73,8 +75,10 @@ def _probabilities(predictor: nnUNetPredictor, logits: torch.Tensor, properties:
 def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_folder: str, *,
                      folds: Optional[Sequence] = None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
                      use_mirroring: bool = True, num_parts: int = 1, part_id: int = 0,
-                     overwrite: bool = True) -> List[str]:
-    """Write OUT/CASE<file_ending> for every case of this part; return the cases written."""
+                     overwrite: bool = True, decision_file: Optional[str] = None) -> List[str]:
+    """Write OUT/CASE<file_ending> for every case of this part; return the cases written.
+    `decision_file`: a heart_decision.json chosen on the ensemble's validation (decision.py),
+    applied to the mean of the models' probabilities; None: nnU-Net's argmax."""
     if len(model_folders) < 1:
         raise ValueError("predict-ensemble: give at least one model folder (-m)")
     if not 0 <= part_id < num_parts:
@@ -87,7 +91,10 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("predict-ensemble: -device cuda but torch sees no CUDA device")
+    chosen = decision_file_.read(Path(decision_file)).decision if decision_file else None
     predictors = [_predictor(f, folds, checkpoint, torch_device, use_mirroring) for f in model_folders]
+    print(f"nnunet_heart_ext: the ensemble's decision: {decision.describe(chosen)}"
+          + (f" ({decision_file})" if decision_file else ""), flush=True)
     _check_compatible(predictors, model_folders)
     first = predictors[0]
     ending = first.dataset_json["file_ending"]
@@ -113,8 +120,14 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
                 if properties is None:  # the first model's: its image writer writes the label map
                     properties = props
                 del logits
-            segmentation = first.label_manager.convert_probabilities_to_segmentation(models.mean().cpu())
+            mean = models.mean().cpu()
             del models
+            if chosen is not None and not chosen.is_nnunet:
+                with np.errstate(divide="ignore"):
+                    segmentation = decided_labels(np.log(mean.numpy()), chosen, float(np.prod(properties["spacing"])))
+            else:
+                segmentation = first.label_manager.convert_probabilities_to_segmentation(mean)
+            del mean
             segmentation = segmentation.numpy() if isinstance(segmentation, torch.Tensor) else segmentation
             outcome = prediction_export.write_case(Prediction(segmentation), properties,
                                                    plans_manager=first.plans_manager, dataset_json=first.dataset_json,

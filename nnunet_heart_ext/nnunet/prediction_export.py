@@ -51,6 +51,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import determine_do_se
 from nnunet_heart_ext.data import npz_file
 from nnunet_heart_ext.data.files import replace_atomically
 from nnunet_heart_ext.kernels import logits_to_labels
+from nnunet_heart_ext.kernels.decision import NEG, Decision, labels as decided_labels
 from nnunet_heart_ext.nnunet import fallback
 from nnunet_heart_ext.nnunet.resampling import numba_threads
 
@@ -156,13 +157,57 @@ def nnunet_return(prediction: Prediction, return_probabilities: bool):
     return (prediction.segmentation, prediction.probabilities) if return_probabilities else prediction.segmentation
 
 
+# ---------------------------------------------------------------------- the decision (decision.py)
+def _applies(decision: Optional[Decision]) -> bool:
+    return decision is not None and not decision.is_nnunet
+
+
+def _voxel_mm3(properties: dict) -> float:
+    return float(np.prod(properties["spacing"]))
+
+
+def _gated_off(segmentation: Array, decision: Decision, properties: dict) -> bool:
+    """Whether the case loses the gated label: its voxels add up to less than the gate's volume."""
+    if decision.gated is None or decision.gate_mm3 <= 0:
+        return False
+    count = int((segmentation == decision.gated).sum())
+    return count * _voxel_mm3(properties) < decision.gate_mm3
+
+
+def _column(values, like: Array):
+    """Per-class values shaped to broadcast over (C, ...) `like`, in float32."""
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    if isinstance(like, torch.Tensor):
+        return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(shape)
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def _decided_from_probabilities(prediction: Prediction, decision: Decision, properties: dict) -> Prediction:
+    """The label map of the decision from the (unchanged) probabilities at the original shape."""
+    probabilities = prediction.on_host().probabilities
+    with np.errstate(divide="ignore"):
+        log_p = np.log(probabilities)
+    segmentation = decided_labels(log_p, decision, _voxel_mm3(properties)).astype(prediction.on_host().segmentation.dtype)
+    return Prediction(segmentation, probabilities)
+
+
 # ---------------------------------------------------------------------- computing the prediction
 def convert(predicted_logits: Array, plans_manager, configuration_manager, label_manager, properties: dict, *,
-            with_probabilities: bool, num_threads_torch: int = default_num_processes) -> Prediction:
+            with_probabilities: bool, num_threads_torch: int = default_num_processes,
+            decision: Optional[Decision] = None) -> Prediction:
     """The case's prediction from its logits, on the host: the kernels where they cover the plans'
-    resampling (`fused_resampling`), else nnU-Net's own function."""
+    resampling (`fused_resampling`), else nnU-Net's own function. `decision` (decision.py): its
+    offsets are added to the logits and its gate applied to the label map; the probabilities stay
+    the model's."""
     fused = fused_resampling(plans_manager, configuration_manager, label_manager, properties)
     if fused is None:
+        if _applies(decision):  # the decision from nnU-Net's probabilities
+            prediction = Prediction.from_nnunet(
+                nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
+                    predicted_logits, plans_manager, configuration_manager, label_manager, properties, True,
+                    num_threads_torch), True)
+            prediction = _decided_from_probabilities(prediction, decision, properties)
+            return prediction if with_probabilities else Prediction(prediction.segmentation)
         return Prediction.from_nnunet(nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
             predicted_logits, plans_manager, configuration_manager, label_manager, properties, with_probabilities,
             num_threads_torch), with_probabilities)
@@ -172,8 +217,14 @@ def convert(predicted_logits: Array, plans_manager, configuration_manager, label
     bbox = _crop(properties["bbox_used_for_cropping"])
     seg = np.zeros(properties["shape_before_cropping"], dtype=_label_dtype(label_manager))
     if not with_probabilities:
-        nan = logits_to_labels.resample_argmax(predicted_logits, seg[bbox], separate_axis, order_z, numba_threads())
+        logits = predicted_logits
+        if _applies(decision):  # offsets on the logits: exact (kernels/decision.py)
+            logits = predicted_logits.astype(np.float32) + _column(decision.offsets, predicted_logits)
+        nan = logits_to_labels.resample_argmax(logits, seg[bbox], separate_axis, order_z, numba_threads())
         _refuse_nan(nan, properties)
+        if _applies(decision) and _gated_off(seg, decision, properties):
+            logits[decision.gated] = NEG
+            logits_to_labels.resample_argmax(logits, seg[bbox], separate_axis, order_z, numba_threads())
         return _in_original_axes(seg, None, plans_manager)
     # probabilities: nnU-Net's order (resampled logits in their dtype, softmax in float32, argmax of
     # the probabilities), one pass straight into the uncropped volume (background 1 outside the crop)
@@ -182,13 +233,15 @@ def convert(predicted_logits: Array, plans_manager, configuration_manager, label
     nan = logits_to_labels.resample_softmax_argmax(predicted_logits, full[(slice(None), *bbox)], seg[bbox],
                                                    separate_axis, order_z, numba_threads())
     _refuse_nan(nan, properties)
-    return _in_original_axes(seg, full, plans_manager)
+    prediction = _in_original_axes(seg, full, plans_manager)
+    return _decided_from_probabilities(prediction, decision, properties) if _applies(decision) else prediction
 
 
 def _on_device(predicted_logits: torch.Tensor, plans_manager, configuration_manager, label_manager,
-               properties: dict, *, with_probabilities: bool) -> Optional[Prediction]:
+               properties: dict, *, with_probabilities: bool, decision: Optional[Decision] = None
+               ) -> Optional[Prediction]:
     """The case's prediction as tensors on the logits' device; None when the kernels do not cover
-    the plans' resampling."""
+    the plans' resampling. `decision`: as in `convert`."""
     fused = fused_resampling(plans_manager, configuration_manager, label_manager, properties)
     if fused is None:
         return None
@@ -202,12 +255,21 @@ def _on_device(predicted_logits: torch.Tensor, plans_manager, configuration_mana
     shape_before = [int(i) for i in properties["shape_before_cropping"]]
     label_dtype = torch.uint8 if _label_dtype(label_manager) == np.uint8 else torch.int32
     seg = torch.zeros(shape_before, dtype=label_dtype, device=resampled.device)
+    if _applies(decision):
+        decided = resampled.float() + _column(decision.offsets, resampled)
+        seg[bbox] = decided.argmax(0).to(label_dtype)
+        if _gated_off(seg, decision, properties):
+            decided[decision.gated] = NEG
+            seg[bbox] = decided.argmax(0).to(label_dtype)
+        del decided
     if not with_probabilities:
-        seg[bbox] = resampled.argmax(0).to(label_dtype)
+        if not _applies(decision):
+            seg[bbox] = resampled.argmax(0).to(label_dtype)
         return _in_original_axes(seg, None, plans_manager)
     probabilities = torch.softmax(resampled.float(), 0)
     del resampled
-    seg[bbox] = probabilities.argmax(0).to(label_dtype)
+    if not _applies(decision):
+        seg[bbox] = probabilities.argmax(0).to(label_dtype)
     full = torch.zeros((probabilities.shape[0], *shape_before), dtype=probabilities.dtype,
                        device=probabilities.device)
     full[0] = 1
@@ -216,12 +278,13 @@ def _on_device(predicted_logits: torch.Tensor, plans_manager, configuration_mana
 
 
 def prediction_on_device(predicted_logits: torch.Tensor, plans_manager, configuration_manager, label_manager,
-                         properties: dict, *, with_probabilities: bool) -> Optional[Prediction]:
+                         properties: dict, *, with_probabilities: bool,
+                         decision: Optional[Decision] = None) -> Optional[Prediction]:
     """The case's prediction computed on the logits' device (the GPU), brought to the host (only
     the label map and the probabilities travel); None when the plans' resampling is not one the
     kernels compute (then use the CPU path)."""
     prediction = _on_device(predicted_logits, plans_manager, configuration_manager, label_manager, properties,
-                            with_probabilities=with_probabilities)
+                            with_probabilities=with_probabilities, decision=decision)
     return None if prediction is None else prediction.on_host()
 
 
@@ -336,18 +399,19 @@ class ExportOutcome:
 
 def export_case(logits: Array, properties: dict, *, plans_manager, configuration_manager,
                 dataset_json: Union[dict, str], output_file: Optional[str], with_probabilities: bool,
-                nnunet_only: bool = False) -> ExportOutcome:
+                nnunet_only: bool = False, decision: Optional[Decision] = None) -> ExportOutcome:
     """One case's export where the logits are (an export worker): the files at `output_file`
     (truncated, as nnU-Net's), or the prediction when it is None. The extension's export; on a
-    fault of its code, nnU-Net's own for this case. `nnunet_only`: nnU-Net's own at once (the
-    caller's device export already fell back and counted the case)."""
+    fault of its code, nnU-Net's own for this case (with nnU-Net's argmax). `nnunet_only`: nnU-Net's
+    own at once (the caller's device export already fell back and counted the case). `decision`:
+    the offsets and gate of decision.py (None: nnU-Net's argmax)."""
     if isinstance(dataset_json, str):
         dataset_json = load_json(dataset_json)
     label_manager = plans_manager.get_label_manager(dataset_json)
     if output_file is None:
         def fast():
             return convert(logits, plans_manager, configuration_manager, label_manager, properties,
-                           with_probabilities=with_probabilities)
+                           with_probabilities=with_probabilities, decision=decision)
 
         def nnunet():
             return Prediction.from_nnunet(nnunet_export.convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -355,8 +419,9 @@ def export_case(logits: Array, properties: dict, *, plans_manager, configuration
                 with_probabilities)
     else:
         def fast():
-            export_prediction_from_logits(logits, properties, configuration_manager, plans_manager, dataset_json,
-                                          output_file, with_probabilities)
+            prediction = convert(logits, plans_manager, configuration_manager, label_manager, properties,
+                                 with_probabilities=with_probabilities, decision=decision)
+            write_prediction(prediction, properties, plans_manager, dataset_json, output_file)
 
         def nnunet():
             nnunet_export.export_prediction_from_logits(logits, properties, configuration_manager, plans_manager,

@@ -46,7 +46,7 @@ from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
-from nnunet_heart_ext.nnunet import fallback, patching, prediction_export
+from nnunet_heart_ext.nnunet import decision, fallback, patching, prediction_export
 from nnunet_heart_ext.nnunet.prediction_export import ExportOutcome
 
 _OOM = (torch.cuda.OutOfMemoryError,)
@@ -104,6 +104,9 @@ class HeartPredictor(nnUNetPredictor):
     # Most network inputs in one forward pass (windows x mirror variants), halved on out-of-memory.
     # None: 8 on a GPU; 1 on a CPU, where a larger batch only moves the working set out of the caches.
     inference_batch = None
+    # The decision chosen on cross-validation (decision.py), set when the model folder is loaded;
+    # None: nnU-Net's argmax (the validation, and models without a decision file).
+    decision = None
 
     # ------------------------------------------------------------------ network passes
     def _batch(self) -> int:
@@ -300,7 +303,7 @@ class HeartPredictor(nnUNetPredictor):
                 prediction, nnunet_only = fallback.attempt(
                     lambda: prediction_export.prediction_on_device(
                         logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
-                        with_probabilities=save_probabilities),
+                        with_probabilities=save_probabilities, decision=self.decision),
                     lambda: None, case=fallback.current_case(), what="the extension's export on the device",
                     instead="export, on the CPU")
             except _OOM:
@@ -319,7 +322,8 @@ class HeartPredictor(nnUNetPredictor):
         return pool.apply_async(prediction_export.export_case, (logits.half().cpu().numpy(), properties),
                                 dict(plans_manager=self.plans_manager, configuration_manager=self.configuration_manager,
                                      dataset_json=self.dataset_json, output_file=ofile,
-                                     with_probabilities=save_probabilities, nnunet_only=nnunet_only))
+                                     with_probabilities=save_probabilities, nnunet_only=nnunet_only,
+                                     decision=self.decision))
 
 
 def _collect(result, workers) -> ExportOutcome:
@@ -371,5 +375,21 @@ def patch_predict_from_raw_data(module) -> None:
 
         return initialization
 
-    for name in ("initialize_from_trained_model_folder", "manual_initialization"):
-        patching.wrap(module.nnUNetPredictor, name, make_wrapper)
+    def from_model_folder(original):
+        def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, *args, **kwargs):
+            result = original(self, model_training_output_dir, use_folds, *args, **kwargs)
+            if use_fast_path(self):
+                checkpoint = args[0] if args else kwargs.get("checkpoint_name", "checkpoint_final.pth")
+                folds = use_folds if use_folds is not None else \
+                    nnUNetPredictor.auto_detect_available_folds(model_training_output_dir, checkpoint)
+                self.decision = decision.load_for(model_training_output_dir, folds)
+                _log(f"decision: {decision.describe(self.decision)}" + (
+                    f" ({decision.crossval_folder(model_training_output_dir, folds) / decision.DECISION_FILE})"
+                    if self.decision is not None else f" (no {decision.DECISION_FILE} for folds "
+                                                      f"{' '.join(map(str, folds))})"))
+            return result
+
+        return initialize_from_trained_model_folder
+
+    patching.wrap(module.nnUNetPredictor, "initialize_from_trained_model_folder", from_model_folder)
+    patching.wrap(module.nnUNetPredictor, "manual_initialization", make_wrapper)

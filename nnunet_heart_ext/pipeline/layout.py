@@ -109,6 +109,12 @@ class Layout:
     def validation_summary(self, config: str, fold: int) -> Path:
         return self.validation_dir(config, fold) / ds.VALIDATION_SUMMARY
 
+    @staticmethod
+    def decision_file(info) -> Path:
+        """The decision (offsets, gate) chosen for the best model or ensemble: beside its
+        postprocessing.pkl (`info`: nnunet_outputs.InferenceInformation)."""
+        return info.postprocessing_file.parent / ds.DECISION
+
     @property
     def inference_information(self) -> Path:
         return self.results / ds.INFERENCE_INFORMATION

@@ -141,3 +141,14 @@ def read_inference_information(path: Path) -> InferenceInformation:
             postprocessing_file=Path(best["postprocessing_file"]),
             some_plans_file=Path(best["some_plans_file"]),
             all_results=dict(info["all_results"]))
+
+
+# ----------------------------------------------------------------------------- heart_decision.json
+def read_decision(path: Path):
+    """The decision (data/decision_file.DecisionFile) the best step chose, or a PipelineError naming the file."""
+    from nnunet_heart_ext.data import decision_file
+
+    try:
+        return decision_file.read(path)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None

@@ -28,7 +28,8 @@ same command after a stop), and logs each command line before it runs. Steps:
   train        nnUNetv2_train per configuration and fold, --npz; one fold per GPU in parallel;
                a fold with checkpoint_final.pth is finished, one with a checkpoint continues (--c)
   validate     nnUNetv2_train --val --npz, only for folds whose validation outputs are missing
-  best         nnUNetv2_find_best_configuration over CONFIGS and FOLDS
+  best         nnUNetv2_find_best_configuration over CONFIGS and FOLDS, then nnunet-heart decision:
+               the small classes' decision offsets and has-calcium gate, on the same validation
   predict      nnUNetv2_predict with the chosen configuration and all FOLDS (parts split over
                the GPUs); when the best is an ensemble of configurations, nnunet-heart
                predict-ensemble averages their probabilities in memory (no .npz round trip)

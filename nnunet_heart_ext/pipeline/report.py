@@ -77,6 +77,25 @@ def validation_summary(layout: Layout, configs: List[str], folds: List[int]) -> 
     return "\n".join(parts)
 
 
+def decision_summary(layout: Layout) -> str:
+    """What the decision offsets and gate bought on each fold's validation ('' before the best step)."""
+    info_file = layout.inference_information
+    try:
+        path = layout.decision_file(nnunet_outputs.read_inference_information(info_file))
+        chosen = nnunet_outputs.read_decision(path)
+    except Exception:  # noqa: BLE001  (no choice yet, or a file the next run redoes)
+        return ""
+    rows = []
+    for fold in sorted(chosen.dice, key=lambda f: int(f) if f.isdigit() else f):
+        for key, name in (("nnunet", f"fold {fold} argmax"), ("with_decision", f"fold {fold} decided")):
+            per_label = chosen.dice[fold][key]
+            values = [per_label.get(str(c), float("nan")) for c in ds.CLASSES]
+            finite = [v for v in values if v == v]
+            rows.append((name, values + [sum(finite) / len(finite) if finite else float("nan")]))
+    return (f"decision ({path.name}): {chosen.describe()}; validation Dice without and with it:\n"
+            + _table(rows))
+
+
 def dice_table(summary_json: Path) -> str:
     """The Dice per class of one nnU-Net summary.json (the demo's test score)."""
     return f"test Dice against the ground truth ({summary_json}):\n" + _table([("test", _dice_row(summary_json))])
@@ -118,6 +137,9 @@ def summary(ctx, timings: Dict[str, tuple]) -> str:
         lines.append(f"{name:<12} {seconds:>10.0f}  {state}")
     layout = ctx.layout
     lines += ["", validation_summary(layout, ctx.o.configs, ctx.o.folds)]
+    decision = decision_summary(layout)
+    if decision:
+        lines += ["", decision]
     if ctx.o.demo and layout.test_dice.is_file():
         lines += ["", dice_table(layout.test_dice)]
     if layout.submission.is_file():

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data import decision_file
 from nnunet_heart_ext.data.files import sweep, write_text
 from nnunet_heart_ext.data.io import (DatasetError, Geometry, geometry_mismatches, label_values_problem,
                                       read_voxels_once, volume_problem)
@@ -50,6 +51,7 @@ class Inputs:
     folds: Optional[Sequence[int]] = None  # None: every fold_F of each model
     postprocessing: Optional[Path] = None
     test_summary: Optional[Path] = None   # a summary.json of the test set against a ground truth (the demo's)
+    decision: Optional[Path] = None       # heart_decision.json (nnunet-heart decision): offsets, gate, what they bought
     worst: int = 3                        # worst validation cases shown per fold
     processes: Optional[int] = None       # None: every usable core
     argv: Optional[Sequence[str]] = None  # the command line, for the page
@@ -295,6 +297,12 @@ def make_report(inputs: Inputs) -> Path:
             raise DatasetError(problems)
         folds = [crossval.read_fold(model, f) for model, fs in model_folds for f in fs]
         test_score = _test_score(Path(inputs.test_summary)) if inputs.test_summary else None
+        decision = None
+        if inputs.decision:
+            try:
+                decision = decision_file.read(Path(inputs.decision))
+            except ValueError as e:
+                raise DatasetError([str(e)]) from None
         worst = crossval.worst_cases(folds, inputs.worst)
         train_images = image_files([Path(p) for p in inputs.train_images])
 
@@ -333,7 +341,7 @@ def make_report(inputs: Inputs) -> Path:
         tests=[TestCase(m, flags_of(m, distribution), picture, str(images[case]), shown[case])
                for case, (m, picture) in sorted(tests.items())],
         folds=folds, worst=[WorstCase(w, worst_pictures[i][1], worst_pictures[i][0]) for i, w in enumerate(worst)],
-        test_score=test_score)
+        test_score=test_score, decision=decision, decision_path=str(inputs.decision or ""))
     report.seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     sweep(out)  # an earlier report's temporaries, if it was killed

@@ -42,6 +42,11 @@ def _f(value: Optional[float], digits: int = 2) -> str:
     return "&ndash;" if value is None else f"{value:.{digits}f}"
 
 
+def _number(value: Optional[float]) -> Optional[float]:
+    """None for a missing value or NaN (shown as a dash)."""
+    return None if value is None or value != value else value
+
+
 def img(picture: Picture, alt: str) -> str:
     data = base64.b64encode(picture.png).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" width="{picture.width}" height="{picture.height}" alt="{_e(alt)}">'
@@ -127,6 +132,26 @@ def score_section(r: Report) -> str:
         [f"<tr><td class='l'>{_e(c.case)}</td>{_dice_cells(c.dice)}</tr>" for c in s.cases]
     return (f"<h2 id='score'>Test Dice against the ground truth</h2><p class='sub'>{_e(s.path)}</p>"
             + _table(head, rows))
+
+
+# ----------------------------------------------------------------------------- decision (offsets, gate)
+def decision_section(r: Report) -> str:
+    """The decision offsets and has-calcium gate chosen on the cross-validation, and each fold's
+    validation Dice with nnU-Net's argmax and with them (heart_decision.json's own numbers)."""
+    d = r.decision
+    if d is None:
+        return ""
+    head = ["fold", "decision"] + [_e(_name(k)) for k in ds.CLASSES] + ["mean"]
+    rows = []
+    for fold in sorted(d.dice, key=lambda f: (not str(f).isdigit(), int(f) if str(f).isdigit() else 0, str(f))):
+        for key, name in (("nnunet", "argmax (nnU-Net)"), ("with_decision", "offsets and gate")):
+            per_label = d.dice[fold].get(key, {})
+            values = [per_label.get(str(k)) for k in ds.CLASSES]
+            values = [_number(v) for v in values]
+            rows.append(f"<tr><td>{_e(str(fold))}</td><td class='l'>{name}</td>{_dice_cells(values)}</tr>")
+    return (f"<h3 id='decision'>Decision offsets and has-calcium gate</h3><p class='sub'>{_e(d.describe())}; "
+            f"mean foreground Dice over the folds {_f(_number(d.dice_without), 4)} with nnU-Net's argmax, "
+            f"{_f(_number(d.dice_with), 4)} with the decision ({_e(r.decision_path)})</p>" + _table(head, rows))
 
 
 # ----------------------------------------------------------------------------- cross-validation
@@ -218,7 +243,7 @@ def crossval_section(r: Report) -> str:
         worst.append(f"<figure>{picture}<figcaption>{caption}</figcaption></figure>")
     return ("<h2 id='cv'>Cross-validation</h2><p class='sub'>Dice from each fold's validation/summary.json "
             "(nnU-Net's; &ndash;: the class is in neither reference nor prediction).</p>" + folds
-            + "<h3>Training curves</h3>" + curves_figure(r.folds)
+            + decision_section(r) + "<h3>Training curves</h3>" + curves_figure(r.folds)
             + f"<h3>Worst validation cases</h3><p class='sub'>{legend()}</p>" + ("".join(worst) or
                                                                                  "<p class='muted'>none</p>")
             + f"<details><summary>Dice of every validation case ({len(case_rows)})</summary>{per_case}</details>")

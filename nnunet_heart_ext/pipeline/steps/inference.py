@@ -46,13 +46,20 @@ def model_problems(layout: Layout, model: dict) -> Dict[str, str]:
     """The test cases whose prediction by `model` is missing, cut short, or older than the model
     choice or the image."""
     d = layout.prediction_dir(model)
-    chosen_at = mtime(layout.inference_information)
+    chosen_at = chosen_time(layout)
     return {case: p for case, image in test_cases(layout).items()
             for p in [segmentation_problem(d / ds.PREDICTION.name(case), max(chosen_at, mtime(image)))] if p}
 
 
+def chosen_time(layout: Layout) -> float:
+    """When the best step last chose: the model choice, or the decision chosen after it (the
+    predictions apply it, so they must be newer)."""
+    info = nnunet_outputs.read_inference_information(layout.inference_information)
+    return newest([layout.inference_information, layout.decision_file(info)])
+
+
 def ensemble_problems(layout: Layout) -> Dict[str, str]:
-    chosen_at = mtime(layout.inference_information)
+    chosen_at = chosen_time(layout)
     return {case: p for case, image in test_cases(layout).items()
             for p in [segmentation_problem(layout.ensemble_dir / ds.PREDICTION.name(case),
                                            max(chosen_at, mtime(image)))] if p}
@@ -141,10 +148,14 @@ class Predict(Step):
         out = self.layout.ensemble_dir
         folders = [str(self.layout.model_dir(m["configuration"], m["trainer"], m["plans_identifier"]))
                    for m in models]
+        decision = []  # the ensemble's decision, chosen by the best step beside its postprocessing.pkl
+        if self.layout.inference_information.is_file():
+            path = self.layout.decision_file(nnunet_outputs.read_inference_information(self.layout.inference_information))
+            decision = ["--decision", str(path)] if path.is_file() else []
         jobs = [Job(f"predict_ensemble_part{i}", [
             "nnunet-heart", "predict-ensemble", "-i", str(self.layout.raw.images_ts), "-o", str(out),
             "-m", *folders, *self._tail(), "--continue_prediction", "-num_parts", str(parts), "-part_id", str(i),
-            *(["--disable_tta"] if self.o.no_tta else [])],
+            *(["--disable_tta"] if self.o.no_tta else []), *decision],
             self.layout.log(f"predict_ensemble_part{i}"), slot=True) for i in range(parts)]
 
         def before():
@@ -312,7 +323,10 @@ class Report(Step):
                 "--out", str(layout.report_dir)]
         info = layout.inference_information
         if info.is_file() and not json_problem(info):
-            argv += ["--postprocessing", str(nnunet_outputs.read_inference_information(info).postprocessing_file)]
+            chosen = nnunet_outputs.read_inference_information(info)
+            argv += ["--postprocessing", str(chosen.postprocessing_file)]
+            if layout.decision_file(chosen).is_file():
+                argv += ["--decision", str(layout.decision_file(chosen))]
         if self.o.demo and (assume or layout.test_dice.is_file()):
             argv += ["--test-summary", str(layout.test_dice)]
         if self.ctx.n_proc:

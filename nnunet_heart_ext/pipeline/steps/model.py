@@ -221,7 +221,8 @@ class Best(Step):
     def summaries(self) -> List[Path]:
         return [self.layout.validation_summary(c, f) for c in self.o.configs for f in self.o.folds]
 
-    def check(self) -> Check:
+    def _choice_check(self) -> Check:
+        """nnUNetv2_find_best_configuration's part: inference_information.json and postprocessing.pkl."""
         info_file = self.layout.inference_information
         if not info_file.is_file():
             return Check(False, f"{info_file} is missing")
@@ -241,6 +242,18 @@ class Best(Step):
             return Check(False, f"{info_file} is older than a fold's validation")
         return Check(True, "best: " + " + ".join(m["configuration"] for m in info.selected))
 
+    def check(self) -> Check:
+        c = self._choice_check()
+        if not c.done:
+            return c
+        decision = self.layout.decision_file(nnunet_outputs.read_inference_information(self.layout.inference_information))
+        problem = json_problem(decision)
+        if problem:
+            return Check(False, f"{decision} is {problem}")
+        if mtime(decision) < mtime(self.layout.inference_information):
+            return Check(False, f"{decision} is older than {self.layout.inference_information}")
+        return Check(True, f"{c.reason}; decision in {decision.name}")
+
     def check_labels(self) -> None:
         """Fail before nnUNetv2_find_best_configuration does (a bare IndexError) when a label is in
         no validation case of the folds, naming the label and what to do."""
@@ -254,14 +267,30 @@ class Best(Step):
                 f"({self.layout.splits_file} lists each fold's validation cases)")
 
     def waves(self, forced: bool, assume: bool = False) -> Iterator[Wave]:
-        if not assume:
-            self.check_labels()
-        yield Wave([Job("best", ["nnUNetv2_find_best_configuration", str(ds.DATASET_ID), "-c", *self.o.configs,
-                                 "-tr", self.o.trainer, "-p", self.o.plans, "-f", *map(str, self.o.folds),
-                                 "-np", self.ctx.n_proc_or_default], self.layout.log("best"))])
+        if forced or not self._choice_check().done:
+            if not assume:
+                self.check_labels()
+            yield Wave([Job("best", ["nnUNetv2_find_best_configuration", str(ds.DATASET_ID), "-c", *self.o.configs,
+                                     "-tr", self.o.trainer, "-p", self.o.plans, "-f", *map(str, self.o.folds),
+                                     "-np", self.ctx.n_proc_or_default], self.layout.log("best"))])
+        # the decision offsets and gate, on the chosen model's (or ensemble's) validation: read now,
+        # after the wave above ran (a dry run, before it: the chosen model is not known yet)
+        folds = [str(f) for f in self.o.folds]
+        if self.layout.inference_information.is_file() and not json_problem(self.layout.inference_information):
+            info = nnunet_outputs.read_inference_information(self.layout.inference_information)
+            models = [str(self.layout.model_dir(m["configuration"], m["trainer"], m["plans_identifier"]))
+                      for m in info.selected]
+            out = str(self.layout.decision_file(info).parent)
+        else:
+            models, out = ["<the chosen model(s)>"], "<the folder of its postprocessing.pkl>"
+        yield Wave([Job("decision", ["nnunet-heart", "decision", "-m", *models, "-f", *folds, "-o", out, "--gt",
+                                     str(self.layout.gt_segmentations)], self.layout.log("decision"))])
 
     def after(self) -> None:
         info = nnunet_outputs.read_inference_information(self.layout.inference_information)
         for name, value in info.all_results.items():
             print(f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}")
         print("  chosen: " + " + ".join(m["configuration"] for m in info.selected), flush=True)
+        decision = nnunet_outputs.read_decision(self.layout.decision_file(info))
+        print(f"  decision: {decision.describe()}; validation mean foreground Dice {decision.dice_without:.4f} "
+              f"(argmax) -> {decision.dice_with:.4f}", flush=True)

@@ -1,0 +1,78 @@
+"""`heart_decision.json`: the decision offsets and has-calcium gate chosen on cross-validation
+(nnunet_heart_ext/nnunet/decision.py chooses them; the predictor and the pipeline read them), with
+what they bought on each fold's validation. One record, `DecisionFile`, read and written here.
+
+    {"offsets": {"2": 0.5, "3": 1.0}, "gated_label": 3, "gate_mm3": 2.0,
+     "models": [...], "folds": [0, 1, 2, 3, 4],
+     "validation_dice": {"0": {"nnunet": {"1": .., "2": .., "3": ..}, "with_decision": {...}}, ...},
+     "mean_foreground_dice": {"nnunet": .., "with_decision": ..}, "grid": {...}, "rule": "..."}
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.files import write_text
+from nnunet_heart_ext.kernels.decision import Choice, Decision, Grid
+
+RULE = ("argmax_c(log p_c + offset_c); a case keeps the gated label only if its voxels add up to gate_mm3; "
+        "chosen on the folds' validation: the best mean over folds of nnU-Net's mean foreground Dice, nnU-Net's "
+        "decision unless beaten by min_gain, ties to the smallest offsets and gate")
+
+
+@dataclass(frozen=True)
+class DecisionFile:
+    """What a heart_decision.json holds."""
+    decision: Decision
+    folds: List = field(default_factory=list)
+    models: List[str] = field(default_factory=list)
+    dice: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)  # fold -> nnunet|with_decision -> label -> Dice
+    dice_without: float = math.nan  # the mean over folds of nnU-Net's mean foreground Dice, argmax
+    dice_with: float = math.nan     # the same with the decision
+
+    def describe(self) -> str:
+        d = self.decision
+        if d.is_nnunet:
+            return "nnU-Net's argmax (no offsets, no gate)"
+        offsets = ", ".join(f"{ds.CLASSES.get(c, c)} {b:+g}" for c, b in enumerate(d.offsets) if c and b)
+        gate = f"; {ds.CLASSES.get(d.gated, d.gated)} kept from {d.gate_mm3:g} mm3" \
+            if d.gated is not None and d.gate_mm3 > 0 else ""
+        return f"offsets {offsets or 'none'}{gate}"
+
+
+def read(path: Path) -> DecisionFile:
+    """The record of a heart_decision.json (ValueError naming the file if it is not one)."""
+    try:
+        content = json.loads(Path(path).read_text())
+        given = {int(c): float(b) for c, b in content["offsets"].items()}
+        offsets = tuple(given.get(c, 0.0) for c in range(max(given, default=0) + 1))
+        gated = content.get("gated_label")
+        decision = Decision(offsets if len(offsets) > 1 else (0.0,), None if gated is None else int(gated),
+                            float(content.get("gate_mm3", 0.0)))
+        means = content.get("mean_foreground_dice", {})
+        return DecisionFile(decision, list(content.get("folds", [])), list(content.get("models", [])),
+                            dict(content.get("validation_dice", {})), float(means.get("nnunet", math.nan)),
+                            float(means.get("with_decision", math.nan)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a decision file ({type(e).__name__}: {e})") from None
+
+
+def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: Grid) -> Path:
+    """Write the search's choice (and what it bought) atomically."""
+    d = choice.decision
+    labels = [str(c) for c in ds.CLASSES]
+    content = {
+        "offsets": {str(c): b for c, b in enumerate(d.offsets) if c > 0},
+        "gated_label": d.gated, "gate_mm3": d.gate_mm3,
+        "models": [str(m) for m in models], "folds": list(folds),
+        "validation_dice": {str(f): {"nnunet": dict(zip(labels, choice.without[f])),
+                                     "with_decision": dict(zip(labels, choice.with_decision[f]))}
+                            for f in sorted(choice.without)},
+        "mean_foreground_dice": {"nnunet": choice.objective_without, "with_decision": choice.objective_with},
+        "grid": {"offsets": {str(c): list(v) for c, v in grid.offsets.items()}, "gated_label": grid.gated,
+                 "gates_mm3": list(grid.gates_mm3), "min_gain": grid.min_gain, "settings_tried": choice.settings_tried},
+        "rule": RULE,
+    }
+    return write_text(json.dumps(content, indent=1), Path(path))
