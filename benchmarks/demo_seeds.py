@@ -1,0 +1,109 @@
+"""The CPU demo on several phantom seeds, each run alone, with and without the decision offsets.
+
+    python -m benchmarks.demo_seeds [--seeds 20,21,22,24,25,26,27,28,29,30] [--work DIR] [--tag M]
+
+For each seed: `bash ensemble_pipeline.sh --demo --seed N` in a fresh work folder (its wall time;
+its test Dice is the decision's, chosen by the best step on the fold's validation and applied by
+the predictor), then the same model's test predictions again with the decision off
+(NNUNET_HEART_EXT_DECISION=0, nnU-Net's arg-max) and the same postprocessing, scored the same way
+(nnU-Net's measure: per class, the mean over the test cases of Dice; a case where the class is in
+neither left out). The decision file's validation Dice with and without it are reported too.
+Results: benchmarks/results/demo/run_<tag>_seed<N>_*.json and a table printed.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = {1: "myocardium", 2: "valve", 3: "calcification"}
+
+
+def _dice(pred_dir: Path, truth: dict) -> dict:
+    per_class = {c: [] for c in CLASSES}
+    for case, ref_file in truth.items():
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}.nii.gz")))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
+        for c in CLASSES:
+            a, b = pred == c, ref == c
+            if a.sum() + b.sum():
+                per_class[c].append(2 * float((a & b).sum()) / float(a.sum() + b.sum()))
+    return {str(c): (float(np.mean(v)) if v else float("nan")) for c, v in per_class.items()}
+
+
+def run_seed(seed: int, root: Path, env: dict) -> dict:
+    work = root / f"seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.monotonic()
+    with open(root / f"seed{seed}.log", "w") as log:
+        rc = subprocess.run(["bash", str(REPO / "ensemble_pipeline.sh"), "--demo", "--seed", str(seed), "--work",
+                             str(work)], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.monotonic() - started
+    if rc != 0:
+        return dict(seed=seed, error=f"pipeline exit {rc}, see {root / f'seed{seed}.log'}")
+    info = json.loads((work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").read_text())
+    best = info["best_model_or_ensemble"]
+    decision_file = Path(best["postprocessing_file"]).parent / "heart_decision.json"
+    decision = json.loads(decision_file.read_text())
+    model = best["selected_model_or_models"][0]
+    model_dir = work / "nnUNet_results" / "Dataset100_Heart" / \
+        f"{model['trainer']}__{model['plans_identifier']}__{model['configuration']}"
+    truth_dir = work / "phantom" / "testing_label"
+    truth = {p.name[:-len("_gt.nii.gz")]: p for p in sorted(truth_dir.glob("*_gt.nii.gz"))}
+    with_env = dict(env, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+                    nnUNet_results=str(work / "nnUNet_results"))
+    without_env = dict(with_env, NNUNET_HEART_EXT_DECISION="0")
+    raw_pred, pp_pred = work / "argmax_predictions", work / "argmax_postprocessed"
+    folds = [str(f) for f in info["folds"]]
+    subprocess.run(["nnUNetv2_predict", "-i", str(work / "nnUNet_raw" / "Dataset100_Heart" / "imagesTs"),
+                    "-o", str(raw_pred), "-d", "100", "-tr", model["trainer"], "-p", model["plans_identifier"],
+                    "-c", model["configuration"], "-f", *folds, "-device", "cpu", "--disable_tta", "-npp", "2",
+                    "-nps", "2"], env=without_env, check=True, capture_output=True)
+    subprocess.run(["nnUNetv2_apply_postprocessing", "-i", str(raw_pred), "-o", str(pp_pred), "-pp_pkl_file",
+                    best["postprocessing_file"], "-np", "2", "-plans_json", str(model_dir / "plans.json"),
+                    "-dataset_json", str(model_dir / "dataset.json")], env=without_env, check=True,
+                   capture_output=True)
+    with_decision = _dice(work / "predictions" / "postprocessed", truth)
+    without = _dice(pp_pred, truth)
+    return dict(seed=seed, fold=int(folds[0]), wall_s=round(wall, 1), decision=decision["offsets"],
+                gate_mm3=decision["gate_mm3"], validation=decision["validation_dice"],
+                validation_mean=decision["mean_foreground_dice"], test_with=with_decision, test_without=without)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_seeds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="20,21,22,24,25,26,27,28,29,30")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/demo_seeds"))
+    parser.add_argument("--tag", default="M", help="run letter for the result files (default M)")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                                             "TRITON_INTERPRET", "NNUNET_HEART_EXT_DECISION")}
+    out_dir = REPO / "benchmarks" / "results" / "demo"
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        row = run_seed(seed, args.work, env)
+        rows.append(row)
+        (out_dir / f"run_{args.tag}_seed{seed}.json").write_text(json.dumps(row, indent=1))
+        print(json.dumps(row), flush=True)
+    print("\nseed  wall  decision  | test with decision (myo/valve/calc) | without")
+    for r in rows:
+        if "error" in r:
+            print(r["seed"], r["error"])
+            continue
+        w, o = r["test_with"], r["test_without"]
+        print(f"{r['seed']:>4} {r['wall_s']:>6.0f}  {r['decision']} gate {r['gate_mm3']}  | "
+              f"{w['1']:.3f} / {w['2']:.3f} / {w['3']:.3f} | {o['1']:.3f} / {o['2']:.3f} / {o['3']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
