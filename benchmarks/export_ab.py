@@ -12,7 +12,8 @@ from copy import deepcopy
 from pathlib import Path
 import numpy as np
 from benchmarks import bench_predict as bp
-import nnunet_heart_ext, nnunet_heart_ext._hook  # noqa
+import nnunet_heart_ext as package
+import nnunet_heart_ext._hook  # noqa: F401
 from nnunet_heart_ext.nnunet import prediction_export
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -27,7 +28,7 @@ small = logits[:, :12, :20, :20].copy()
 for p in (False, True):
     prediction_export.convert_predicted_logits_to_segmentation_with_correct_shape(
         small, pm, cm, pm.get_label_manager(bp.DATASET_JSON), bp.properties(small.shape[1:], (12, 22, 22)), p)
-out = {"tree": str(Path(nnunet_heart_ext.__file__).parents[1]), "load": os.getloadavg()[0]}
+out = {"tree": str(Path(package.__file__).parents[1]), "load": os.getloadavg()[0]}
 work = Path(tempfile.mkdtemp(prefix="export_ab_"))
 for p in (False, True):
     best = []
