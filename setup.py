@@ -65,8 +65,8 @@ setup(
         "isal",
         "Pillow",
     ],
-    # selenium drives Debian's Chromium in the report's browser test (tests/browser.py; .ci/run installs both)
-    extras_require={"test": ["pytest", "selenium"]},
+    # pytest-xdist runs two test files at a time (README's test command); selenium drives Debian's Chromium in the report's browser test (tests/browser.py; .ci/run installs both)
+    extras_require={"test": ["pytest", "pytest-xdist", "selenium"]},
     entry_points={"console_scripts": ["nnunet-heart = nnunet_heart_ext.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
 )
