@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.data.files import write_text
@@ -31,6 +31,17 @@ class DecisionFile:
     dice: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)  # fold -> nnunet|with_decision -> label -> Dice
     dice_without: float = math.nan  # the mean over folds of nnU-Net's mean foreground Dice, argmax
     dice_with: float = math.nan     # the same with the decision
+
+    def fold_rows(self) -> List[Tuple[str, str, Tuple[float, ...]]]:
+        """(fold, "nnunet" | "with_decision", Dice per class of ds.CLASSES) for each fold in its
+        number's order, argmax first; a class without a Dice (in neither reference nor
+        prediction, or not in the file) is NaN."""
+        rows = []
+        for fold in sorted(self.dice, key=lambda f: (not str(f).isdigit(), int(f) if str(f).isdigit() else 0, str(f))):
+            for key in ("nnunet", "with_decision"):
+                per_label = self.dice[fold].get(key, {})
+                rows.append((str(fold), key, tuple(float(per_label.get(str(c), math.nan)) for c in ds.CLASSES)))
+        return rows
 
     def describe(self) -> str:
         d = self.decision

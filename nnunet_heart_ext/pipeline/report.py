@@ -86,12 +86,10 @@ def decision_summary(layout: Layout) -> str:
     except Exception:  # noqa: BLE001  (no choice yet, or a file the next run redoes)
         return ""
     rows = []
-    for fold in sorted(chosen.dice, key=lambda f: int(f) if f.isdigit() else f):
-        for key, name in (("nnunet", f"fold {fold} argmax"), ("with_decision", f"fold {fold} decided")):
-            per_label = chosen.dice[fold][key]
-            values = [per_label.get(str(c), float("nan")) for c in ds.CLASSES]
-            finite = [v for v in values if v == v]
-            rows.append((name, values + [sum(finite) / len(finite) if finite else float("nan")]))
+    for fold, key, values in chosen.fold_rows():
+        finite = [v for v in values if v == v]
+        rows.append((f"fold {fold} {'argmax' if key == 'nnunet' else 'decided'}",
+                     list(values) + [sum(finite) / len(finite) if finite else float("nan")]))
     return (f"decision ({path.name}): {chosen.describe()}; validation Dice without and with it:\n"
             + _table(rows))
 

@@ -4,16 +4,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from nnunet_heart_ext.data.decision_file import DecisionFile
-from nnunet_heart_ext.report.crossval import CaseDice, FoldResult
+from nnunet_heart_ext.report.crossval import CaseDice, FoldResult, number
 from nnunet_heart_ext.report.flags import Flag, TrainingDistribution, rule_texts
 from nnunet_heart_ext.report.measures import (CALCIUM_HU, CONNECTIVITY, MYOCARDIUM_DENSITY_G_PER_ML,
                                               CaseMeasures)
 from nnunet_heart_ext.report.provenance import Provenance
-
-
-def _finite(value: float) -> Optional[float]:
-    """A Dice for report.json: NaN (no reference and no prediction) as null, as JSON has no NaN."""
-    return None if value != value else value
 
 
 @dataclass(frozen=True)
@@ -105,8 +100,8 @@ class Report:
                 path=self.decision_path, chosen=self.decision.describe(),
                 offsets=list(self.decision.decision.offsets), gated_label=self.decision.decision.gated,
                 gate_mm3=self.decision.decision.gate_mm3,
-                validation_dice={fold: {k: {c: _finite(d) for c, d in v.items()} for k, v in by.items()}
+                validation_dice={fold: {k: {c: number(d) for c, d in v.items()} for k, v in by.items()}
                                  for fold, by in self.decision.dice.items()},
-                mean_foreground_dice=dict(nnunet=_finite(self.decision.dice_without),
-                                          with_decision=_finite(self.decision.dice_with))),
+                mean_foreground_dice=dict(nnunet=number(self.decision.dice_without),
+                                          with_decision=number(self.decision.dice_with))),
             seconds=round(self.seconds, 2))

@@ -26,8 +26,9 @@ from nnunet_heart_ext.data.io import DatasetError
 EMA = 0.9  # nnU-Net's smoothing of the pseudo Dice (ema = 0.9 ema + 0.1 value), what it picks the best checkpoint by
 
 
-def _number(value) -> Optional[float]:
-    """A metric as JSON holds it: NaN (neither reference nor prediction holds the class) -> None."""
+def number(value) -> Optional[float]:
+    """A metric as the report holds it: NaN (neither reference nor prediction holds the class) -> None
+    (JSON's null, a dash on the page)."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
@@ -80,13 +81,13 @@ def read_summary(path: Path, model: str, fold: int) -> Tuple[Tuple[Optional[floa
     """(mean Dice per class, the cases) of one nnU-Net summary.json."""
     try:
         summary = json.loads(Path(path).read_text())
-        means = tuple(_number(summary["mean"].get(str(k), {}).get("Dice")) for k in ds.CLASSES)
+        means = tuple(number(summary["mean"].get(str(k), {}).get("Dice")) for k in ds.CLASSES)
         cases = []
         for entry in summary["metric_per_case"]:
             metrics = entry["metrics"]
             name = Path(entry["prediction_file"]).name
             case = ds.PREDICTION.case(name) or name
-            cases.append(CaseDice(model, fold, case, tuple(_number(metrics.get(str(k), {}).get("Dice"))
+            cases.append(CaseDice(model, fold, case, tuple(number(metrics.get(str(k), {}).get("Dice"))
                                                            for k in ds.CLASSES),
                                   entry["reference_file"], entry["prediction_file"]))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.report.content import Picture, Report, TestCase
-from nnunet_heart_ext.report.crossval import Curve, FoldResult, mean
+from nnunet_heart_ext.report.crossval import Curve, FoldResult, mean, number
 from nnunet_heart_ext.report.flags import rule_texts
 from nnunet_heart_ext.report.measures import (CALCIUM, CALCIUM_HU, CONNECTIVITY, MYOCARDIUM,
                                               MYOCARDIUM_DENSITY_G_PER_ML, VALVE)
@@ -40,11 +40,6 @@ def _e(text) -> str:
 
 def _f(value: Optional[float], digits: int = 2) -> str:
     return "&ndash;" if value is None else f"{value:.{digits}f}"
-
-
-def _number(value: Optional[float]) -> Optional[float]:
-    """None for a missing value or NaN (shown as a dash)."""
-    return None if value is None or value != value else value
 
 
 def img(picture: Picture, alt: str) -> str:
@@ -142,16 +137,12 @@ def decision_section(r: Report) -> str:
     if d is None:
         return ""
     head = ["fold", "decision"] + [_e(_name(k)) for k in ds.CLASSES] + ["mean"]
-    rows = []
-    for fold in sorted(d.dice, key=lambda f: (not str(f).isdigit(), int(f) if str(f).isdigit() else 0, str(f))):
-        for key, name in (("nnunet", "argmax (nnU-Net)"), ("with_decision", "offsets and gate")):
-            per_label = d.dice[fold].get(key, {})
-            values = [per_label.get(str(k)) for k in ds.CLASSES]
-            values = [_number(v) for v in values]
-            rows.append(f"<tr><td>{_e(str(fold))}</td><td class='l'>{name}</td>{_dice_cells(values)}</tr>")
+    names = {"nnunet": "argmax (nnU-Net)", "with_decision": "offsets and gate"}
+    rows = [f"<tr><td>{_e(fold)}</td><td class='l'>{names[key]}</td>{_dice_cells([number(v) for v in values])}</tr>"
+            for fold, key, values in d.fold_rows()]
     return (f"<h3 id='decision'>Decision offsets and has-calcium gate</h3><p class='sub'>{_e(d.describe())}; "
-            f"mean foreground Dice over the folds {_f(_number(d.dice_without), 4)} with nnU-Net's argmax, "
-            f"{_f(_number(d.dice_with), 4)} with the decision ({_e(r.decision_path)})</p>" + _table(head, rows))
+            f"mean foreground Dice over the folds {_f(number(d.dice_without), 4)} with nnU-Net's argmax, "
+            f"{_f(number(d.dice_with), 4)} with the decision ({_e(r.decision_path)})</p>" + _table(head, rows))
 
 
 # ----------------------------------------------------------------------------- cross-validation
