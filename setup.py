@@ -66,7 +66,10 @@ setup(
         "Pillow",
     ],
     # pytest-xdist runs two test files at a time (README's test command); selenium drives Debian's Chromium in the report's browser test (tests/browser.py; .ci/run installs both)
-    extras_require={"test": ["pytest", "pytest-xdist", "selenium"]},
+    # openvino: the fastest CPU path of the network's passes (nnunet_heart_ext/nnunet/network_runtime.py);
+    # optional, and in the test extra so that README's setup (the demo) and CI take and test it
+    extras_require={"openvino": ["openvino>=2025.0"],
+                    "test": ["pytest", "pytest-xdist", "selenium", "openvino>=2025.0"]},
     entry_points={"console_scripts": ["nnunet-heart = nnunet_heart_ext.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
 )

@@ -14,6 +14,8 @@
 # benchmarks/results/gpu/. Sections: GPU_CHECK_ONLY="tests,augment,loss,cc,predict" (default:
 # tests,augment,loss,cc). The inference check alone (issue 20, <= 8 minutes):
 #   GPU_CHECK_ONLY=tests_predict,predict bash benchmarks/gpu_check.sh
+# The network's CUDA options (issue 32 item 4, <= 7 minutes; bench_network.py's docstring):
+#   GPU_CHECK_ONLY=network bash benchmarks/gpu_check.sh
 # predict: one full-size case (340 x 467 x 467 at HeartPlans' spacing), ResEnc M, patch 96 x 160 x 160,
 # 5 random-weight folds with mirroring: nnU-Net's nnUNetPredictor against HeartPredictor, then the
 # export's computation (nnU-Net's CPU default and torchres against the extension on the GPU).
@@ -60,6 +62,9 @@ want tests_predict && run 120 "inference tests on CUDA (HeartPredictor, device e
   -p no:cacheprovider -rfE -m gpu tests/test_predictor.py
 want predict && run 330 "inference benchmark (sliding window + folds, export)" python3 -P -m benchmarks --only predict \
   --predict-device cuda --predict-folds 5 --out "$OUT"
+want network && run 420 "network options on CUDA (tests, then sliding window at step 0.5 and 0.15, training step)" \
+  bash -c "python3 -P -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_network_runtime.py && \
+  python3 -P -m benchmarks --only network --network-device cuda --out '$OUT'"
 want augment && run 200 "augmentation benchmark" python3 -P -m benchmarks --only augment --augment-data /tmp/bench_augment \
   --augment-budget-s 90 --out "$OUT"
 want loss && run 100 "loss benchmark" python3 -P -m benchmarks --only loss --loss-devices cuda --budget-s 60 --out "$OUT"

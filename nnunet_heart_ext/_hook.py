@@ -27,7 +27,7 @@ PATCHES = {
         "nnunet_heart_ext.nnunet.postprocessing:patch_remove_connected_components",
     # nnU-Net's predictor of a model whose trainer asks for it (HeartTrainer) takes the extension's
     # inference (batched windows and mirrors, folds on the device, fused export); others are untouched.
-    "nnunetv2.inference.predict_from_raw_data": "nnunet_heart_ext.nnunet.predictor:patch_predict_from_raw_data",
+    "nnunetv2.inference.predict_from_raw_data": "nnunet_heart_ext.nnunet.predictor_hook:patch_predict_from_raw_data",
     # ... and such a trainer's validation exports with the extension's export.
     "nnunetv2.training.nnUNetTrainer.nnUNetTrainer": "nnunet_heart_ext.nnunet.validation:patch_trainer_module",
 }

@@ -33,7 +33,7 @@ LAYERS = {
     "kernels": ({"kernels"}, {"numpy", "numba", "torch", "triton", "cc3d", "isal"}),
     "data": ({"kernels", "data"}, {"numpy", "SimpleITK", "nibabel", "tqdm", "nnunetv2"}),
     "nnunet": ({"kernels", "data", "nnunet"},
-               {"numpy", "torch", "tqdm", "nnunetv2", "batchgenerators", "acvl_utils"}),
+               {"numpy", "torch", "tqdm", "nnunetv2", "batchgenerators", "acvl_utils", "openvino"}),
     "trainers": ({"kernels", "data", "trainers"},
                  {"numpy", "torch", "nnunetv2", "batchgenerators", "acvl_utils"}),
     "pipeline": ({"data", "pipeline"}, {"torch", "nnunetv2"}),

@@ -15,7 +15,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 import nnunet_heart_ext._hook  # noqa: F401  (installs the hook where the .pth was not processed)
 from nnunet_heart_ext.nnunet import prediction_export
-from nnunet_heart_ext.nnunet.predictor import HeartPredictor, use_fast_path
+from nnunet_heart_ext.nnunet.predictor import HeartPredictor
+from nnunet_heart_ext.nnunet.predictor_hook import use_fast_path
 
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "myocardium": 1, "valve": 2, "calcium": 3},
                 "numTraining": 1, "file_ending": ".nii.gz"}
@@ -63,6 +64,7 @@ def predictors(n_folds: int, mirror_axes, pm):
                             allow_tqdm=False)
         p.manual_initialization(network(0), pm, pm.get_configuration("3d_fullres"), copy.deepcopy(weights),
                                 DATASET_JSON, trainer, mirror_axes)
+        p.cpu_network = "float32"  # nnU-Net's float32 passes (the other paths: test_network_runtime.py)
         made.append(p)
     return made
 

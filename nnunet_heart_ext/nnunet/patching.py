@@ -11,7 +11,7 @@ wrapper decides per call whether nnU-Net's original or the extension's code runs
 |---|---|---|
 | `find_class_by_name.recursive_find_python_class` | registry.py | nnU-Net's own search finds nothing |
 | `remove_connected_components.remove_all_but_largest_component_from_segmentation` | postprocessing.py | the input is an array the kernel takes |
-| `nnUNetPredictor.initialize_from_trained_model_folder`, `.manual_initialization` | predictor.py | the predictor is nnU-Net's own class and the model's trainer class says `nnunet_heart_ext_inference = True` (HeartTrainer and its subclasses): the instance becomes a HeartPredictor |
+| `nnUNetPredictor.initialize_from_trained_model_folder`, `.manual_initialization` | predictor_hook.py | the predictor is nnU-Net's own class and the model's trainer class says `nnunet_heart_ext_inference = True` (HeartTrainer and its subclasses): the instance becomes a HeartPredictor |
 | `nnUNetTrainer.perform_actual_validation` | validation.py | the trainer's class says `nnunet_heart_ext_inference = True`: its export workers run the extension's export |
 
 The marker attribute is how the trainers (nnunet_heart_ext/trainers/) ask for the extension's

@@ -1,6 +1,6 @@
 """HeartTrainer models predicted by the official nnUNetv2_predict take a faster inference path.
 
-How a model gets here. The import hook (_hook.py) runs `patch_predict_from_raw_data` right after
+How a model gets here. The import hook (_hook.py) runs predictor_hook.patch_predict_from_raw_data right after
 nnunetv2.inference.predict_from_raw_data has executed: it wraps (patching.py) nnUNetPredictor's
 `initialize_from_trained_model_folder` (nnUNetv2_predict) and `manual_initialization` (the
 trainer's validation, predict-ensemble), which then end with `use_fast_path(self)`. When the
@@ -46,10 +46,21 @@ from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
-from nnunet_heart_ext.nnunet import decision, fallback, patching, prediction_export
+from nnunet_heart_ext.nnunet import decision, fallback, network_runtime, patching, prediction_export
 from nnunet_heart_ext.nnunet.prediction_export import ExportOutcome
 
 _OOM = (torch.cuda.OutOfMemoryError,)
+BATCH_ENV = "NNUNET_HEART_EXT_INFERENCE_BATCH"
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(value).strip() != str(n):
+        raise ValueError(f"{name}={value!r}: give a whole number of network inputs per forward pass, at least 1")
+    return n
 
 
 def _log(message: str) -> None:
@@ -101,18 +112,44 @@ class HeartPredictor(nnUNetPredictor):
     """nnU-Net's predictor with batched windows and mirrors, folds summed on the device and the
     export on the device (GPU) or on the kernels (CPU). See the module docstring."""
 
-    # Most network inputs in one forward pass (windows x mirror variants), halved on out-of-memory.
-    # None: 8 on a GPU; 1 on a CPU, where a larger batch only moves the working set out of the caches.
+    # Most network inputs in one forward pass (windows x mirror variants); out-of-memory halves it for
+    # that call (sliding window) only. None: NNUNET_HEART_EXT_INFERENCE_BATCH, else 8 on a GPU and
+    # 1 on a CPU, where a larger batch only moves the working set out of the caches.
     inference_batch = None
+    # How the network runs (network_runtime.py); None: NNUNET_HEART_EXT_CPU_NETWORK / _CUDA_NETWORK.
+    cpu_network = None
+    cuda_network = None
     # The decision chosen on cross-validation (decision.py), set when the model folder is loaded;
     # None: nnU-Net's argmax (the validation, and models without a decision file).
     decision = None
 
     # ------------------------------------------------------------------ network passes
     def _batch(self) -> int:
-        if self.inference_batch is None:
-            self.inference_batch = 8 if self.device.type == "cuda" else 1
-        return self.inference_batch
+        """This call's batch: the setting, or what an out-of-memory in this call halved it to."""
+        batch = getattr(self, "_call_batch", None)
+        return batch if batch is not None else self._batch_setting()
+
+    def _batch_setting(self) -> int:
+        if self.inference_batch is not None:
+            return _positive_int(self.inference_batch, "inference_batch")
+        env = os.environ.get(BATCH_ENV)
+        if env:
+            return _positive_int(env, BATCH_ENV)
+        return 8 if self.device.type == "cuda" else 1
+
+    def _runner(self) -> network_runtime.NetworkRunner:
+        """The network's runner for the current settings (one per network object and settings)."""
+        cpu = network_runtime.CpuNetwork(self.cpu_network) if self.cpu_network is not None \
+            else network_runtime.cpu_network_from_env(os.environ)
+        cuda = network_runtime.CudaNetwork(self.cuda_network) if self.cuda_network is not None \
+            else network_runtime.cuda_network_from_env(os.environ)
+        runner = getattr(self, "_network_runner", None)
+        if runner is None or runner.network is not self.network or (runner.cpu, runner.cuda) != (cpu, cuda) \
+                or runner.device != self.device:
+            runner = self._network_runner = network_runtime.NetworkRunner(
+                self.network, self.device, cpu=cpu, cuda=cuda, batch=self._batch_setting())
+            _log(network_runtime.describe(runner))
+        return runner
 
     def _mirror_axes(self):
         axes = self.allowed_mirroring_axes if self.use_mirroring else None
@@ -134,7 +171,8 @@ class HeartPredictor(nnUNetPredictor):
         for start in range(0, len(combos), per_pass):
             group = combos[start:start + per_pass]
             inputs = [torch.flip(x, axes) if axes else x for axes in group]
-            out = self.network(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+            out = self._runner()(inputs[0] if len(inputs) == 1 else torch.cat(inputs),
+                                 getattr(self, "_weights", None))
             for k, axes in enumerate(group):
                 part = out[k * b:(k + 1) * b]
                 part = torch.flip(part, axes) if axes else part
@@ -153,6 +191,7 @@ class HeartPredictor(nnUNetPredictor):
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
         results_device = self.device if do_on_device else torch.device("cpu")
         predicted_logits = n_predictions = None
+        self._call_batch = None
         try:
             empty_cache(self.device)
             data = data.to(results_device)
@@ -176,8 +215,9 @@ class HeartPredictor(nnUNetPredictor):
                             raise
                         del windows
                         empty_cache(self.device)
-                        self.inference_batch = self._batch() // 2
-                        _log(f"out of GPU memory in the network; now {self.inference_batch} inputs a forward pass")
+                        self._call_batch = self._batch() // 2
+                        _log(f"out of GPU memory in the network; {self._call_batch} inputs a forward pass for this "
+                             "case")
                         continue
                     for p, sl in zip(prediction, batch):
                         predicted_logits[sl] += p * gaussian
@@ -197,6 +237,8 @@ class HeartPredictor(nnUNetPredictor):
             del predicted_logits, n_predictions
             empty_cache(self.device)
             raise
+        finally:
+            self._call_batch = None
 
     # ------------------------------------------------------------------ faults: nnU-Net's own predictor
     def _as_nnunet(self) -> nnUNetPredictor:
@@ -242,10 +284,14 @@ class HeartPredictor(nnUNetPredictor):
     def _folds_mean(self, data: torch.Tensor) -> torch.Tensor:
         folds = DeviceSum("the folds")
         network = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
-        for params in self.list_of_parameters:
-            with fallback.input_errors():  # a checkpoint that does not fit the network is not a fault
-                network.load_state_dict(params)
-            folds.add(super().predict_sliding_window_return_logits(data))
+        try:
+            for fold, params in enumerate(self.list_of_parameters):
+                with fallback.input_errors():  # a checkpoint that does not fit the network is not a fault
+                    network.load_state_dict(params)
+                self._weights = ("fold", fold)  # the runner keeps what it built of each fold's weights
+                folds.add(super().predict_sliding_window_return_logits(data))
+        finally:
+            self._weights = None
         return folds.mean()
 
     # ------------------------------------------------------------------ cases and export
@@ -336,60 +382,3 @@ def _collect(result, workers) -> ExportOutcome:
             return result.get(timeout=0.1)
         except multiprocessing.TimeoutError:
             pass
-
-
-# ---------------------------------------------------------------------- hook
-def extension_inference_for(trainer_name) -> bool:
-    """Whether nnU-Net's trainer lookup gives, for this name, a class that asks for the
-    extension's inference (patching.uses_extension_inference)."""
-    if not trainer_name:
-        return False
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-    except Exception:  # a name nnU-Net cannot find: nnU-Net's predictor decides what happens
-        return False
-    return patching.uses_extension_inference(trainer_class)
-
-
-def use_fast_path(predictor) -> bool:
-    """Turn nnU-Net's own predictor of such a model into a HeartPredictor (in place)."""
-    if type(predictor) is not nnUNetPredictor or not extension_inference_for(predictor.trainer_name):
-        return False
-    predictor.__class__ = HeartPredictor
-    _log(f"{predictor.trainer_name}: the extension's inference (batched windows and mirrors, folds on the device, "
-         "fused export)")
-    return True
-
-
-def patch_predict_from_raw_data(module) -> None:
-    """Hook target for nnunetv2.inference.predict_from_raw_data: nnUNetPredictor's two
-    initialisations end with `use_fast_path`."""
-
-    def make_wrapper(original):
-        def initialization(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
-            use_fast_path(self)
-            return result
-
-        return initialization
-
-    def from_model_folder(original):
-        def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds, *args, **kwargs):
-            result = original(self, model_training_output_dir, use_folds, *args, **kwargs)
-            if use_fast_path(self):
-                checkpoint = args[0] if args else kwargs.get("checkpoint_name", "checkpoint_final.pth")
-                folds = use_folds if use_folds is not None else \
-                    nnUNetPredictor.auto_detect_available_folds(model_training_output_dir, checkpoint)
-                self.decision = decision.load_for(model_training_output_dir, folds)
-                _log(f"decision: {decision.describe(self.decision)}" + (
-                    f" ({decision.crossval_folder(model_training_output_dir, folds) / decision.DECISION_FILE})"
-                    if self.decision is not None else f" (no {decision.DECISION_FILE} for folds "
-                                                      f"{' '.join(map(str, folds))})"))
-            return result
-
-        return initialize_from_trained_model_folder
-
-    patching.wrap(module.nnUNetPredictor, "initialize_from_trained_model_folder", from_model_folder)
-    patching.wrap(module.nnUNetPredictor, "manual_initialization", make_wrapper)
