@@ -10,7 +10,9 @@ the slow ones run the command on test_predict_command.py's small random-weight m
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,12 +108,16 @@ def test_a_worker_that_raises_names_the_case(workers):
     assert not children()
 
 
-def test_a_worker_that_dies_ends_the_run_without_a_hang():
+@pytest.mark.parametrize("pause", [0.0, 3.0])
+def test_a_worker_that_dies_ends_the_run_without_a_hang(pause):
+    """The worker dies while its case is awaited, or (pause: the network is slow) before the next
+    case is submitted (the pool refuses it)."""
     models = stub_models({}, {"fail": "die", "at": 1})
     start = time.monotonic()
     with pytest.raises(prefetch.PreprocessingError, match="ended abruptly.*1_0000.nii.gz"):
         with prefetch.Prefetch(models, CASES, workers=2) as inputs:
-            list(inputs)
+            for _ in inputs:
+                time.sleep(pause)
     assert time.monotonic() - start < 120
     assert not children()
 
@@ -236,3 +242,37 @@ def test_a_broken_image_names_it_and_keeps_the_other_outputs(tmp_path, images, t
     assert not [p for p in out.rglob("*") if p.is_file() and p.parent != out], "no partial file"
     assert not proc.left, proc.left
     json.loads((out / "predict_ensemble_args.json").read_text())
+
+
+KILLED = """
+import os, signal, sys
+sys.path[:0] = {path!r}
+import prefetch_stubs
+from nnunet_heart_ext.nnunet import prefetch
+models = [prefetch.Model("m", None, prefetch_stubs.Config(), {{"factor": 1, "delay": 30.0}})]
+pool = prefetch.Prefetch(models, [[f"{{n}}_0000.nii.gz"] for n in (4, 0, 1)], workers=2)
+next(iter(pool))  # case 4 (no delay); cases 0 and 1 are being preprocessed, 30 s each
+print(*pool._pool._processes, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_end_with_a_killed_command(tmp_path):
+    log = tmp_path / "stdout"
+    with log.open("w") as stdout:  # a file, not a pipe: a worker left would hold a pipe open
+        proc = subprocess.run([sys.executable, "-c", KILLED.format(path=sys.path)], stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    workers = [int(pid) for pid in log.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 20
+    try:
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    finally:  # this test's workers, should they be left
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

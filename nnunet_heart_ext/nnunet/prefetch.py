@@ -16,14 +16,17 @@ a worker that dies (killed, out of memory) breaks the pool, and the error names 
 were being preprocessed; either way at once, never a hang. The same exception of the
 preprocessor in this process (N = 0) gives the same error. Closing (the `with` block's end, on
 success or error) ends the pool: its workers are joined after the last case, terminated when
-cases are left, so that no process outlives the command.
+cases are left, so that no process outlives the command; a worker whose command was killed
+(SIGKILL: nothing closes) ends itself.
 """
+import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -65,6 +68,15 @@ _worker_models: Optional[List[Model]] = None  # a worker's models, set once by _
 def _start_worker(models: List[Model]) -> None:
     global _worker_models
     _worker_models = models
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with_parent, args=(parent.sentinel,), daemon=True).start()
+
+
+def _end_with_parent(sentinel) -> None:
+    """A worker outlives no command: one killed (SIGKILL, no close()) takes its workers along."""
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def _work(index: int, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
@@ -90,7 +102,7 @@ class Prefetch:
         self._pool: Optional[ProcessPoolExecutor] = None
         self._pending: Deque[Tuple[List[str], list]] = deque()
         if self.workers > 0:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker, initargs=(self.models,))
 
     def __enter__(self) -> "Prefetch":
@@ -116,7 +128,11 @@ class Prefetch:
                 files = next(upcoming, None)
                 if files is None:
                     break
-                self._pending.append((files, [self._pool.submit(_work, i, files) for i in range(len(self.models))]))
+                try:  # a worker that died since the last case breaks the pool: submit raises
+                    futures = [self._pool.submit(_work, i, files) for i in range(len(self.models))]
+                except BrokenProcessPool as e:
+                    raise self._broken() from e
+                self._pending.append((files, futures))
             if not self._pending:
                 return
             files, futures = self._pending[0]
@@ -128,11 +144,14 @@ class Prefetch:
         try:
             return future.result()
         except BrokenProcessPool as e:
-            in_flight = "; ".join(", ".join(f) for f, _ in self._pending)
-            raise PreprocessingError(f"a preprocessing worker ended abruptly (killed, or out of memory?) while "
-                                     f"these cases were being preprocessed: {in_flight}") from e
+            raise self._broken() from e
         except Exception as e:
             raise _failed(files, model, e) from e
+
+    def _broken(self) -> PreprocessingError:
+        in_flight = "; ".join(", ".join(f) for f, _ in self._pending)
+        return PreprocessingError(f"a preprocessing worker ended abruptly (killed, or out of memory?) while "
+                                  f"these cases were being preprocessed: {in_flight}")
 
     def close(self) -> None:
         """End the pool: join its workers when every case was handed out, terminate them otherwise."""
