@@ -132,9 +132,15 @@ def test_an_error_of_the_caller_ends_the_workers():
     assert not children()
 
 
-def test_negative_workers_are_refused():
-    with pytest.raises(ValueError, match="-npp -1"):
+def test_negative_workers_are_refused(capsys):
+    with pytest.raises(ValueError, match="workers must be >= 0"):
         prefetch.Prefetch(stub_models(), CASES, workers=-1)
+    from nnunet_heart_ext import cli  # the command says so before loading any model
+
+    for option, value in (("-npp", "-1"), ("--inference_batch", "0")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["predict-ensemble", "-i", "x", "-o", "y", "-m", str(Path(__file__).parent), option, value])
+        assert e.value.code == 1 and f"{option} {value} must be" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the command

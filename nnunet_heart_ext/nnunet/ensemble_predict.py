@@ -99,13 +99,13 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
         raise ValueError("predict-ensemble: give at least one model folder (-m)")
     if not 0 <= part_id < num_parts:
         raise ValueError(f"predict-ensemble: part_id {part_id} must be in [0, num_parts={num_parts})")
-    for folder in model_folders:
-        if not (Path(folder) / "plans.json").is_file():
-            raise FileNotFoundError(f"predict-ensemble: {folder} is not a trained model folder (no plans.json)")
     if num_processes_preprocessing is not None and num_processes_preprocessing < 0:
         raise ValueError(f"predict-ensemble: -npp {num_processes_preprocessing} must be >= 0")
     if inference_batch is not None and inference_batch < 1:
         raise ValueError(f"predict-ensemble: --inference_batch {inference_batch} must be >= 1")
+    for folder in model_folders:
+        if not (Path(folder) / "plans.json").is_file():
+            raise FileNotFoundError(f"predict-ensemble: {folder} is not a trained model folder (no plans.json)")
     if not Path(input_folder).is_dir():
         raise FileNotFoundError(f"predict-ensemble: no input folder {input_folder}")
     torch_device = torch.device(device)
@@ -136,13 +136,14 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
             case = _case(files, ending)
             run.begin(case)
             summed, properties = DeviceSum("the models' probabilities"), None
-            for predictor, (data, props) in zip(predictors, preprocessed):
+            for predictor in predictors:
+                data, props = preprocessed.pop(0)  # each model's input freed once predicted
                 logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+                del data
                 summed.add(_probabilities(predictor, logits, props))
                 if properties is None:  # the first model's: its image writer writes the label map
                     properties = props
-                del logits, data
-            del preprocessed
+                del logits
             mean = summed.mean().cpu()
             del summed
             if chosen is not None and not chosen.is_nnunet:

@@ -94,7 +94,7 @@ class Prefetch:
     def __init__(self, models: Sequence[Model], cases: Sequence[Sequence[str]], *, workers: int,
                  ahead: int = CASES_AHEAD):
         if workers < 0:
-            raise ValueError(f"predict-ensemble: -npp {workers}: the number of preprocessing workers must be >= 0")
+            raise ValueError(f"Prefetch: workers must be >= 0, not {workers}")
         if ahead < 1:
             raise ValueError(f"Prefetch: ahead must be >= 1, not {ahead}")
         self.models, self.cases, self.ahead = list(models), [list(c) for c in cases], ahead
