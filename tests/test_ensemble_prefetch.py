@@ -70,8 +70,9 @@ CASES = [[f"{n}_0000.nii.gz"] for n in range(5)]
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
-def test_cases_come_in_order_once_per_model(workers):
-    models = stub_models({"delay": 0.15}, {"delay": 0.15})  # earlier cases slower: later ones are ready first
+def test_cases_come_in_order_once_per_model(workers, tmp_path):
+    # earlier cases slower: later ones are ready first
+    models = stub_models({"delay": 0.15, "log": str(tmp_path)}, {"delay": 0.15, "log": str(tmp_path)})
     with prefetch.Prefetch(models, CASES, workers=workers) as inputs:
         got = list(inputs)
     assert [files for files, _ in got] == CASES
@@ -81,6 +82,8 @@ def test_cases_come_in_order_once_per_model(workers):
             assert props["case"] == n and np.array_equal(data, np.full((1, 2, 2, 2), n * factor, np.float32))
         pids = {props["pid"] for _, props in per_model}
         assert (pids == {os.getpid()}) == (workers == 0), "workers 0: here; otherwise in the workers"
+    calls = sorted(p.name.rsplit("-", 2)[0] for p in tmp_path.iterdir())
+    assert calls == sorted(f"{n}-{factor}" for n in range(5) for factor in (1, 10)), "once per case and model"
     assert not children()
 
 
