@@ -5,6 +5,7 @@
     nnunet-heart export   --pred DIR --images DIR --out predict.zip
     nnunet-heart report   --pred predict.zip|DIR --images DIR --out DIR [--train-labels DIR] [--model DIR ...]
     nnunet-heart predict-ensemble -i DIR -o DIR -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4] [--decision F]
+                                  [-npp N] [--inference_batch N]
     nnunet-heart decision -m MODEL_FOLDER [MODEL_FOLDER ...] [-f 0 1 2 3 4] [-o DIR]
     nnunet-heart pipeline --src DIR | --demo [options]   (what ensemble_pipeline.sh runs; --help)
 
@@ -45,12 +46,15 @@ def _report(args):
 
 def _predict_ensemble(args):
     from nnunet_heart_ext.nnunet.ensemble_predict import predict_ensemble
+    from nnunet_heart_ext.nnunet.prefetch import PreprocessingError
     folds = [f if f == "all" else int(f) for f in args.f]
     try:
         predict_ensemble(args.m, args.i, args.o, folds=folds, checkpoint=args.chk, device=args.device,
                          use_mirroring=not args.disable_tta, num_parts=args.num_parts, part_id=args.part_id,
-                         overwrite=not args.continue_prediction, decision_file=args.decision)
-    except (ValueError, FileNotFoundError) as e:  # bad arguments or model folders: the message names them
+                         overwrite=not args.continue_prediction, decision_file=args.decision,
+                         num_processes_preprocessing=args.npp, inference_batch=args.inference_batch)
+    # bad arguments or model folders, a case that cannot be preprocessed: the message names them
+    except (ValueError, FileNotFoundError, PreprocessingError) as e:
         print(f"nnunet-heart predict-ensemble: error: {e}", file=sys.stderr)
         raise SystemExit(1)
 
@@ -122,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue_prediction", action="store_true", help="skip cases already written")
     p.add_argument("--decision", help="heart_decision.json chosen on the ensemble's validation (nnunet-heart "
                                       "decision): its offsets and gate decide the labels (default: argmax)")
+    p.add_argument("-npp", type=int, help="processes preprocessing the next cases while one is predicted; 0: "
+                                          "each case in this process, before its prediction (default: nnU-Net's "
+                                          "default_num_processes, 8 or $nnUNet_def_n_proc, at most the usable cores)")
+    p.add_argument("--inference_batch", type=int, help="most network inputs (windows x mirrorings) in one forward "
+                                                       "pass of HeartTrainer models (default: the predictor's own, "
+                                                       "nnunet_heart_ext/nnunet/predictor.py)")
     p.set_defaults(run=_predict_ensemble)
 
     p = sub.add_parser("decision", help="choose per-class decision offsets and a has-calcium gate on the "

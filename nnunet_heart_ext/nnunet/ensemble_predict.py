@@ -4,13 +4,18 @@
 gives what `nnUNetv2_predict --save_probabilities` per model followed by `nnUNetv2_ensemble`
 gives (the label map of the mean of the models' class probabilities at each case's original
 shape), without writing, reading and deleting a 1.4 GB .npz per model and case: each case is
-preprocessed with each model's plans (nnU-Net's preprocessor), its logits predicted by nnU-Net's
-predictor of that model (HeartPredictor for HeartTrainer models, nnunet_heart_ext/nnunet/predictor.py),
+preprocessed with each model's plans (nnU-Net's preprocessor; in `-npp` spawned worker processes
+while the case before is predicted, nnunet_heart_ext/nnunet/prefetch.py), its logits predicted by
+nnU-Net's predictor of that model (HeartPredictor for HeartTrainer models, up to `--inference_batch`
+network inputs a forward pass, nnunet_heart_ext/nnunet/predictor.py),
 turned into probabilities at the original shape (on the GPU when the logits are there,
 nnunet_heart_ext/nnunet/prediction_export.py), and summed where they are (predictor.DeviceSum, the
 predictor's fold sum); the argmax of the mean is written with the first model's image writer,
 atomically. `-num_parts/-part_id` split the cases as nnU-Net's commands do (the pipeline gives one
-part to each GPU slot), and `--continue_prediction` skips cases whose label map exists.
+part to each GPU slot), and `--continue_prediction` skips cases whose label map exists (before
+they are queued for preprocessing); the cases are written in their order. A case that cannot be
+preprocessed (an unreadable image) stops the command with an error naming its files, the label maps
+written before it kept, no partial file and no worker process left.
 A fault of the extension's code falls back to nnU-Net's own for that step and case (fallback.py:
 nnU-Net's predictor, its export's probabilities, its image writer), with a warning each and the
 count at the end.
@@ -32,9 +37,9 @@ from tqdm import tqdm
 
 from nnunet_heart_ext.data import decision_file as decision_file_
 from nnunet_heart_ext.kernels.decision import labels as decided_labels
-from nnunet_heart_ext.nnunet import decision, fallback, prediction_export
+from nnunet_heart_ext.nnunet import decision, fallback, prediction_export, prefetch
 from nnunet_heart_ext.nnunet.prediction_export import Prediction
-from nnunet_heart_ext.nnunet.predictor import DeviceSum
+from nnunet_heart_ext.nnunet.predictor import DeviceSum, HeartPredictor
 
 
 def _predictor(folder: str, folds, checkpoint: str, device: torch.device, use_mirroring: bool) -> nnUNetPredictor:
@@ -42,6 +47,11 @@ def _predictor(folder: str, folds, checkpoint: str, device: torch.device, use_mi
                                 perform_everything_on_device=True, device=device, verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, folds, checkpoint)
     return predictor
+
+
+def _case(files: Sequence[str], ending: str) -> str:
+    """The case's name: its first file's without _0000<file_ending>."""
+    return os.path.basename(files[0])[:-(len(ending) + 5)]
 
 
 def _check_compatible(predictors: List[nnUNetPredictor], folders: Sequence[str]) -> None:
@@ -75,14 +85,24 @@ def _probabilities(predictor: nnUNetPredictor, logits: torch.Tensor, properties:
 def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_folder: str, *,
                      folds: Optional[Sequence] = None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
                      use_mirroring: bool = True, num_parts: int = 1, part_id: int = 0,
-                     overwrite: bool = True, decision_file: Optional[str] = None) -> List[str]:
-    """Write OUT/CASE<file_ending> for every case of this part; return the cases written.
+                     overwrite: bool = True, decision_file: Optional[str] = None,
+                     num_processes_preprocessing: Optional[int] = None,
+                     inference_batch: Optional[int] = None) -> List[str]:
+    """Write OUT/CASE<file_ending> for every case of this part, in their order; return the cases written.
     `decision_file`: a heart_decision.json chosen on the ensemble's validation (decision.py),
-    applied to the mean of the models' probabilities; None: nnU-Net's argmax."""
+    applied to the mean of the models' probabilities; None: nnU-Net's argmax.
+    `num_processes_preprocessing`: worker processes preprocessing the next cases (prefetch.py);
+    0: each case here, in series with the network; None: prefetch.default_workers().
+    `inference_batch`: the most network inputs in one forward pass of HeartPredictor models
+    (predictor.py); None: the predictor's default. Other models' predictors do not batch."""
     if len(model_folders) < 1:
         raise ValueError("predict-ensemble: give at least one model folder (-m)")
     if not 0 <= part_id < num_parts:
         raise ValueError(f"predict-ensemble: part_id {part_id} must be in [0, num_parts={num_parts})")
+    if num_processes_preprocessing is not None and num_processes_preprocessing < 0:
+        raise ValueError(f"predict-ensemble: -npp {num_processes_preprocessing} must be >= 0")
+    if inference_batch is not None and inference_batch < 1:
+        raise ValueError(f"predict-ensemble: --inference_batch {inference_batch} must be >= 1")
     for folder in model_folders:
         if not (Path(folder) / "plans.json").is_file():
             raise FileNotFoundError(f"predict-ensemble: {folder} is not a trained model folder (no plans.json)")
@@ -93,6 +113,9 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
         raise RuntimeError("predict-ensemble: -device cuda but torch sees no CUDA device")
     chosen = decision_file_.read(Path(decision_file)).decision if decision_file else None
     predictors = [_predictor(f, folds, checkpoint, torch_device, use_mirroring) for f in model_folders]
+    for p in predictors:
+        if inference_batch is not None and isinstance(p, HeartPredictor):
+            p.inference_batch = inference_batch
     print(f"nnunet_heart_ext: the ensemble's decision: {decision.describe(chosen)}"
           + (f" ({decision_file})" if decision_file else ""), flush=True)
     _check_compatible(predictors, model_folders)
@@ -102,26 +125,27 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
     os.makedirs(output_folder, exist_ok=True)
     save_json({"models": [str(f) for f in model_folders], "folds": folds, "checkpoint": checkpoint,
                "use_mirroring": use_mirroring}, os.path.join(output_folder, "predict_ensemble_args.json"))
+    todo = [files for files in cases  # skipped before they are queued for preprocessing
+            if overwrite or not os.path.isfile(os.path.join(output_folder, _case(files, ending)) + ending)]
+    models = [prefetch.Model(str(folder), p.plans_manager, p.configuration_manager, p.dataset_json)
+              for folder, p in zip(model_folders, predictors)]
+    workers = prefetch.default_workers() if num_processes_preprocessing is None else num_processes_preprocessing
     written = []
-    with fallback.tally() as run:
-        for files in tqdm(cases, desc="cases", disable=len(cases) < 2):
-            case = os.path.basename(files[0])[:-(len(ending) + 5)]
-            out = os.path.join(output_folder, case)
-            if not overwrite and os.path.isfile(out + ending):
-                continue
+    with fallback.tally() as run, prefetch.Prefetch(models, todo, workers=workers) as inputs:
+        for files, preprocessed in tqdm(inputs, total=len(todo), desc="cases", disable=len(todo) < 2):
+            case = _case(files, ending)
             run.begin(case)
-            models, properties = DeviceSum("the models' probabilities"), None
+            summed, properties = DeviceSum("the models' probabilities"), None
             for predictor in predictors:
-                preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-                data, _, props = preprocessor.run_case(files, None, predictor.plans_manager,
-                                                       predictor.configuration_manager, predictor.dataset_json)
+                data, props = preprocessed.pop(0)  # each model's input freed once predicted
                 logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
-                models.add(_probabilities(predictor, logits, props))
+                del data
+                summed.add(_probabilities(predictor, logits, props))
                 if properties is None:  # the first model's: its image writer writes the label map
                     properties = props
                 del logits
-            mean = models.mean().cpu()
-            del models
+            mean = summed.mean().cpu()
+            del summed
             if chosen is not None and not chosen.is_nnunet:
                 with np.errstate(divide="ignore"):
                     segmentation = decided_labels(np.log(mean.numpy()), chosen, float(np.prod(properties["spacing"])))
@@ -131,7 +155,7 @@ def predict_ensemble(model_folders: Sequence[str], input_folder: str, output_fol
             segmentation = segmentation.numpy() if isinstance(segmentation, torch.Tensor) else segmentation
             outcome = prediction_export.write_case(Prediction(segmentation), properties,
                                                    plans_manager=first.plans_manager, dataset_json=first.dataset_json,
-                                                   output_file=out)
+                                                   output_file=os.path.join(output_folder, case))
             if outcome.fell_back:
                 run.record("export")
             print(f"{case}: ensemble of {len(predictors)} model(s) written", flush=True)
