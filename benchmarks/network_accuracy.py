@@ -53,7 +53,7 @@ def model_of(work: Path):
     return folder, [int(f) for f in info["folds"]], model
 
 
-def seed_rows(seed: str, work: Path, option: str) -> list:
+def seed_rows(seed: str, work: Path, option: str, mirror: bool = False) -> list:
     import SimpleITK as sitk
     import torch
     from nnunetv2.inference import export_prediction as nnunet_export
@@ -63,7 +63,7 @@ def seed_rows(seed: str, work: Path, option: str) -> list:
     from nnunet_heart_ext.nnunet.predictor import HeartPredictor
 
     folder, folds, _ = model_of(work)
-    heart = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    heart = nnUNetPredictor(tile_step_size=0.5, use_mirroring=mirror, device=torch.device("cpu"), allow_tqdm=False)
     heart.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
     assert isinstance(heart, HeartPredictor)
     heart.cpu_network = option
@@ -100,7 +100,7 @@ def seed_rows(seed: str, work: Path, option: str) -> list:
     names = {1: "myocardium", 2: "valve", 3: "calcium"}
     for c in CLASSES:
         test = {n: (float(np.mean(per_case[n][c])) if per_case[n][c] else float("nan")) for n in per_case}
-        rows.append(dict(seed=seed, fold=folds[0], class_=names[c],
+        rows.append(dict(seed=seed, fold=folds[0], mirroring=mirror, class_=names[c],
                          agreement=round(2 * pooled[c][0] / pooled[c][1], 5) if pooled[c][1] else None,
                          test_nnunet=round(test["nnunet"], 4), test_extension=round(test["extension"], 4),
                          test_diff=round(test["extension"] - test["nnunet"], 4),
@@ -152,20 +152,22 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", required=True, help="demo run folders, comma-separated")
     parser.add_argument("--option", default="auto", help="NNUNET_HEART_EXT_CPU_NETWORK value to check (default auto)")
     parser.add_argument("--predict-step-run", type=Path, default=None)
+    parser.add_argument("--mirror", action="store_true", help="mirroring on (nnUNetv2_predict's default; the demo "
+                                                                "predicts without it)")
     args = parser.parse_args(argv)
     from nnunet_heart_ext.nnunet import network_runtime
 
     resolved = network_runtime.resolve_cpu(network_runtime.CpuNetwork(args.option)).value
     rows = []
     for run in args.runs.split(","):
-        rows += seed_rows(_seed_of(Path(run)), Path(run), args.option)
+        rows += seed_rows(_seed_of(Path(run)), Path(run), args.option, args.mirror)
         for r in rows[-3:]:
             print(r, flush=True)
     step = predict_step(_seed_of(args.predict_step_run), args.predict_step_run, args.option) \
         if args.predict_step_run is not None else []
     worst = dict(min_agreement=min(r["agreement"] for r in rows if r["agreement"] is not None),
                  min_test_diff=min(r["test_diff"] for r in rows if not np.isnan(r["test_diff"])))
-    report("network_accuracy", rows, title=f"trained demo models: {args.option} ({resolved}) against nnU-Net's "
+    report("network_accuracy" + ("_mirroring" if args.mirror else "") + ("" if args.option == "auto" else f"_{args.option}"), rows, title=f"trained demo models: {args.option} ({resolved}) against nnU-Net's "
                                            "float32 predictor", extra={"option": args.option, "resolved": resolved,
                                                                         "worst": worst, "predict_step": step})
     print("worst:", worst)
