@@ -214,6 +214,8 @@ def test_workers_write_what_the_process_writes(tmp_path, images, two_models, mon
     monkeypatch.setattr(ensemble_predict, "_predictor", recording_predictor)
     monkeypatch.setattr(prefetch, "Prefetch", recording_prefetch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # the PyTorch module runs the passes (the hook above sees them; OpenVINO's would not)
+    monkeypatch.setenv("NNUNET_HEART_EXT_CPU_NETWORK", "float32")
     out = tmp_path / "batch3"
     out.mkdir()
     shutil.copy(tmp_path / "here" / "aniso.nii.gz", out / "aniso.nii.gz")
