@@ -188,44 +188,50 @@ def training_step_rows(pm, cm, quick: bool) -> list:
     import torch
 
     rows = []
-    for name, compiled, dtype in (("eager float16", False, torch.float16), ("nnU-Net: compile float16", True,
-                                                                            torch.float16),
+    for name, compiled, dtype in (("eager float16", False, torch.float16),
+                                  ("nnU-Net: compile float16", True, torch.float16),
                                   ("compile bfloat16", True, torch.bfloat16)):
-        _, _, net = build(NETS["resencm"][0])
-        net = net.cuda().train()
-        model = torch.compile(net) if compiled else net
-        opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-        x = torch.randn(cm.batch_size, 1, *cm.patch_size, device="cuda")
-        y = torch.randint(0, 4, (cm.batch_size, *cm.patch_size), device="cuda")
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=dtype):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-        t0 = time.perf_counter()
-        for _ in range(3):  # compilation, cudnn autotuning
-            step()
-        torch.cuda.synchronize()
-        setup = time.perf_counter() - t0
-        n = 3 if quick else 20
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
+        setup, seconds = _training_step_seconds(cm, compiled, dtype, 3 if quick else 20)
         rows.append(dict(network="resencm", step=None, predictor=f"training step: {name}", windows=None,
-                         time_s=round((time.perf_counter() - t0) / n, 4), windows_per_s=None, setup_s=round(setup, 1)))
+                         time_s=round(seconds, 4), windows_per_s=None, setup_s=round(setup, 1)))
         print(rows[-1], flush=True)
-        del model, net, opt
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the variant's network and optimiser went with its function
     base = rows[1]["time_s"]
     for r in rows:
         r["speedup"] = round(base / r["time_s"], 2)
     return rows
+
+
+def _training_step_seconds(cm, compiled: bool, dtype, n: int):
+    """(seconds of the first 3 steps: compilation, cudnn autotuning; seconds a step after them)."""
+    import torch
+
+    _, _, net = build(NETS["resencm"][0])
+    net = net.cuda().train()
+    model = torch.compile(net) if compiled else net
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    x = torch.randn(cm.batch_size, 1, *cm.patch_size, device="cuda")
+    y = torch.randint(0, 4, (cm.batch_size, *cm.patch_size), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return setup, (time.perf_counter() - t0) / n
 
 
 def main(args) -> None:

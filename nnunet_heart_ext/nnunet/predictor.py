@@ -46,7 +46,7 @@ from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
-from nnunet_heart_ext.nnunet import decision, fallback, network_runtime, patching, prediction_export
+from nnunet_heart_ext.nnunet import fallback, network_runtime, prediction_export
 from nnunet_heart_ext.nnunet.prediction_export import ExportOutcome
 
 _OOM = (torch.cuda.OutOfMemoryError,)
