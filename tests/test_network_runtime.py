@@ -3,7 +3,6 @@ against nnU-Net's own predictor (imported from the installed nnunetv2) on a smal
 U-Net of dynamic_network_architectures (nnU-Net's network classes: instance norm, leaky ReLU,
 strided and pooled skips), with the same folds' weights and mirroring; the settings and their
 errors; the fold cache; out-of-memory halving the batch for one call only."""
-import copy
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import nnunet_heart_ext._hook  # noqa: F401  (installs the hook where the .pth w
 from nnunet_heart_ext.nnunet import network_runtime
 from nnunet_heart_ext.nnunet.network_runtime import CpuNetwork, CudaNetwork, NetworkRunner
 from nnunet_heart_ext.nnunet.predictor import HeartPredictor
-from tests.test_predictor import DATASET_JSON, plans
+from test_predictor import plans, predictors
 
 PATCH = (16, 16, 16)
 HAVE_OPENVINO = network_runtime.openvino_available()
@@ -36,15 +35,8 @@ def unet(seed: int) -> torch.nn.Module:
 
 
 def pair(n_folds: int, mirror_axes=(0, 1, 2)):
-    pm = plans(patch=PATCH)
-    weights = [unet(seed).state_dict() for seed in range(n_folds)]
-    made = []
-    for trainer in ("nnUNetTrainer", "HeartTrainer"):
-        p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=mirror_axes is not None, device=torch.device("cpu"),
-                            allow_tqdm=False)
-        p.manual_initialization(unet(0), pm, pm.get_configuration("3d_fullres"), copy.deepcopy(weights),
-                                DATASET_JSON, trainer, mirror_axes)
-        made.append(p)
+    """nnU-Net's predictor and the extension's (its network path left to the test or the environment)."""
+    made = predictors(n_folds, mirror_axes, plans(patch=PATCH), make_network=unet, cpu_network=None)
     assert type(made[0]) is nnUNetPredictor and type(made[1]) is HeartPredictor
     return made
 

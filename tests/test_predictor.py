@@ -55,16 +55,18 @@ def network(seed: int, n_out: int = 4):
                                torch.nn.Conv3d(6, n_out, 3, padding=1))
 
 
-def predictors(n_folds: int, mirror_axes, pm):
-    """nnU-Net's predictor and the extension's, with the same folds' weights."""
-    weights = [network(seed).state_dict() for seed in range(n_folds)]
+def predictors(n_folds: int, mirror_axes, pm, make_network=network, cpu_network="float32"):
+    """nnU-Net's predictor and the extension's, with the same folds' weights (`make_network(seed)`).
+    `cpu_network`: the extension's network path; float32 by default, nnU-Net's passes (the other
+    paths: test_network_runtime.py); None leaves it to the environment."""
+    weights = [make_network(seed).state_dict() for seed in range(n_folds)]
     made = []
     for trainer in ("nnUNetTrainer", "HeartTrainer"):
         p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=mirror_axes is not None, device=torch.device("cpu"),
                             allow_tqdm=False)
-        p.manual_initialization(network(0), pm, pm.get_configuration("3d_fullres"), copy.deepcopy(weights),
+        p.manual_initialization(make_network(0), pm, pm.get_configuration("3d_fullres"), copy.deepcopy(weights),
                                 DATASET_JSON, trainer, mirror_axes)
-        p.cpu_network = "float32"  # nnU-Net's float32 passes (the other paths: test_network_runtime.py)
+        p.cpu_network = cpu_network
         made.append(p)
     return made
 
