@@ -135,6 +135,18 @@ def test_settings_from_the_environment_and_their_errors(monkeypatch):
         heart._runner()
 
 
+@pytest.mark.parametrize("variable,value", [(network_runtime.CPU_ENV, "fp8"),
+                                            ("NNUNET_HEART_EXT_INFERENCE_BATCH", "0")])
+def test_a_bad_setting_stops_the_prediction_instead_of_falling_back(monkeypatch, variable, value):
+    """Outside strict mode a fault of the extension's code falls back to nnU-Net's predictor; a bad
+    setting is no fault: the error names it and nothing is predicted."""
+    monkeypatch.setenv("NNUNET_HEART_EXT_STRICT", "0")
+    monkeypatch.setenv(variable, value)
+    _, heart = pair(1)
+    with pytest.raises(ValueError, match=variable):
+        heart.predict_logits_from_preprocessed_data(image(0, (1, 16, 16, 16)))
+
+
 @pytest.mark.parametrize("bf16,openvino,expected", [
     (False, True, CpuNetwork.OPENVINO_FLOAT32), (False, False, CpuNetwork.FLOAT32),
     (True, True, CpuNetwork.OPENVINO_FLOAT32), (True, False, CpuNetwork.FLOAT32)])

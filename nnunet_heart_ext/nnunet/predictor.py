@@ -130,19 +130,21 @@ class HeartPredictor(nnUNetPredictor):
         return batch if batch is not None else self._batch_setting()
 
     def _batch_setting(self) -> int:
-        if self.inference_batch is not None:
-            return _positive_int(self.inference_batch, "inference_batch")
-        env = os.environ.get(BATCH_ENV)
-        if env:
-            return _positive_int(env, BATCH_ENV)
+        with fallback.input_errors():  # a bad setting is the user's to fix, not a fault to fall back from
+            if self.inference_batch is not None:
+                return _positive_int(self.inference_batch, "inference_batch")
+            env = os.environ.get(BATCH_ENV)
+            if env:
+                return _positive_int(env, BATCH_ENV)
         return 8 if self.device.type == "cuda" else 1
 
     def _runner(self) -> network_runtime.NetworkRunner:
         """The network's runner for the current settings (one per network object and settings)."""
-        cpu = network_runtime.CpuNetwork(self.cpu_network) if self.cpu_network is not None \
-            else network_runtime.cpu_network_from_env(os.environ)
-        cuda = network_runtime.CudaNetwork(self.cuda_network) if self.cuda_network is not None \
-            else network_runtime.cuda_network_from_env(os.environ)
+        with fallback.input_errors():  # as in _batch_setting
+            cpu = network_runtime.CpuNetwork(self.cpu_network) if self.cpu_network is not None \
+                else network_runtime.cpu_network_from_env(os.environ)
+            cuda = network_runtime.CudaNetwork(self.cuda_network) if self.cuda_network is not None \
+                else network_runtime.cuda_network_from_env(os.environ)
         runner = getattr(self, "_network_runner", None)
         if runner is None or runner.network is not self.network or (runner.cpu, runner.cuda) != (cpu, cuda) \
                 or runner.device != self.device:
