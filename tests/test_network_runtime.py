@@ -7,7 +7,7 @@ errors; the fold cache; out-of-memory halving the batch for one call only."""
 import numpy as np
 import pytest
 import torch
-from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 import nnunet_heart_ext._hook  # noqa: F401  (installs the hook where the .pth was not processed)
@@ -149,74 +149,103 @@ def test_a_bad_setting_stops_the_prediction_instead_of_falling_back(monkeypatch,
 
 @pytest.mark.parametrize("bf16,openvino,expected", [
     (False, True, CpuNetwork.OPENVINO_FLOAT32), (False, False, CpuNetwork.FLOAT32),
-    (True, True, CpuNetwork.OPENVINO_FLOAT32), (True, False, CpuNetwork.FLOAT32)])
-def test_auto_is_openvino_in_float32_where_installed(monkeypatch, bf16, openvino, expected):
-    """bfloat16 is never the default (its labels moved beyond the bounds on a trained model)."""
+    (True, True, CpuNetwork.OPENVINO), (True, False, CpuNetwork.FLOAT32)])
+def test_auto_is_openvino_in_bfloat16_where_the_cpu_has_it(monkeypatch, bf16, openvino, expected):
+    """OpenVINO where installed: in bfloat16 (the first convolution in float32) where the CPU computes
+    bfloat16, else in float32; nnU-Net's float32 without OpenVINO."""
     monkeypatch.setattr(network_runtime, "cpu_has_bf16", lambda: bf16)
     monkeypatch.setattr(network_runtime, "openvino_available", lambda: openvino)
     assert network_runtime.resolve_cpu(CpuNetwork.AUTO) is expected
     assert network_runtime.resolve_cpu(CpuNetwork.FLOAT32) is CpuNetwork.FLOAT32
 
 
-def test_out_of_memory_halves_the_batch_for_that_call_only(monkeypatch):
-    plain, heart = pair(1)
-    heart.cpu_network = "float32"
-    heart.inference_batch = 8
-    seen = []
-    real = NetworkRunner.__call__
-
-    def fake(self, x, weights=None):
-        seen.append(x.shape[0])
-        if x.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("fake")
-        return real(self, x, weights)
-
-    monkeypatch.setattr(NetworkRunner, "__call__", fake)
-    data = image(7)
-    ref = plain.predict_logits_from_preprocessed_data(data).float().numpy()
-    got = heart.predict_logits_from_preprocessed_data(data).numpy()
-    close(got, ref)
-    assert seen[:3] == [8, 4, 2] and max(seen[2:]) == 2  # 8 fails, then 4 fails, then 2 a pass
-    assert heart._batch() == 8  # the next call starts from the setting again
-    seen.clear()
-    heart.predict_logits_from_preprocessed_data(data)
-    assert seen[0] == 8
+def plain_unet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return PlainConvUNet(1, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), 2, 3, 2, True, torch.nn.InstanceNorm3d,
+                         {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
+                         deep_supervision=False).eval()
 
 
-def test_cuda_graph_path_pads_the_last_batch_to_the_fixed_shape(monkeypatch):
-    """The `cudagraphs` runner feeds the compiled network one batch shape; a smaller last batch is
-    padded and its outputs cut back (checked on the CPU: autocast and compile are replaced by
-    recorders, the CUDA graphs themselves need a GPU: benchmarks/gpu_check.sh)."""
-    net = unet(0)
-    shapes = []
+class ScaledInput(ResidualEncoderUNet):
+    """Its first convolution sees 2x the image, not the image: the split must not be taken."""
 
-    def compiled(x):
-        shapes.append(tuple(x.shape))
-        return net(x)
+    def forward(self, x):
+        return super().forward(x * 2)
 
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: compiled)
-    monkeypatch.setattr(torch, "autocast", lambda *a, **k: torch.autograd.profiler.record_function("autocast"))
-    runner = NetworkRunner(net, torch.device("cuda"), cuda=CudaNetwork.CUDAGRAPHS, batch=4)
-    x = image(0, (3, 1, *PATCH))
+
+def scaled_input_unet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ScaledInput(1, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 3, (1, 1), True,
+                       torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU,
+                       {"inplace": True}, deep_supervision=False).eval()
+
+
+def test_split_image_is_exact_in_bfloat16_values():
+    """hi and lo are bfloat16 values whose sum is x to 2^-16 (bfloat16 alone: 2^-8)."""
+    x = image(9, (2, 1, 8, 9, 10)) * 1000 + 3
+    parts = network_runtime.split_image(x)
+    hi, hi2, lo = parts[:, :1], parts[:, 1:2], parts[:, 2:]
+    assert torch.equal(parts, parts.to(torch.bfloat16).float())
+    assert torch.equal(hi, hi2)
+    assert float(((hi + lo - x).abs() / x.abs()).max()) <= 2.0 ** -16
+    assert float(((hi - x).abs() / x.abs()).max()) > 2.0 ** -12  # bfloat16 alone is far coarser
+
+
+@pytest.mark.parametrize("make", [unet, plain_unet])
+def test_the_first_convolution_on_the_split_image_is_float32s_in_bfloat16_arithmetic(make):
+    """nnU-Net's U-Nets taking split_image(x): the same logits as network(x) (float32), every input
+    and weight of the new first convolution exactly a bfloat16, so a bfloat16 convolution (exact
+    products, float32 sums) computes it to ~2^-16, not to bfloat16's 2^-8; the network itself is
+    not changed."""
+    net = make(0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    first = network_runtime.first_convolution(net)
+    assert isinstance(first, torch.nn.Conv3d) and first.in_channels == 1
+    body, split = network_runtime._split_image_network(net)
+    x = image(7, (2, 1, 16, 16, 16))
     with torch.no_grad():
-        out = runner(x)
+        ref, got = net(x), body(network_runtime.split_image(x))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert split.seen == [True]
+    w = split.conv.weight
+    assert torch.equal(w, w.to(torch.bfloat16).float())
+    # the arithmetic of a bfloat16 convolution, in float64: bfloat16 values multiplied exactly
+    conv = torch.nn.functional.conv3d
+    with torch.no_grad():
+        exact = conv(x.double(), first.weight.double(), padding=first.padding)
+        in_bf16 = conv(network_runtime.split_image(x).double(), w.double(), padding=first.padding)
+        plain_bf16 = conv(x.to(torch.bfloat16).double(), first.weight.to(torch.bfloat16).double(), padding=first.padding)
+    scale = float(exact.abs().max())
+    assert float((in_bf16 - exact).abs().max()) / scale < 2.0 ** -14
+    assert float((plain_bf16 - exact).abs().max()) / scale > 2.0 ** -10
+    assert network_runtime.first_convolution(net) is first  # the network keeps its own convolution
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert network_runtime.first_convolution(torch.nn.Conv3d(1, 2, 3)) is None  # not a U-Net
+
+
+@needs_openvino
+@pytest.mark.skipif(not network_runtime.cpu_has_bf16(), reason="this CPU has no bfloat16: OpenVINO runs float32")
+@pytest.mark.parametrize("make,split", [(unet, True), (plain_unet, True), (scaled_input_unet, False)])
+def test_openvino_bf16_takes_the_split_image_where_the_first_convolution_sees_the_image(make, split):
+    """OpenVINO in bfloat16 (every convolution, as its compiled model says) on the split image where
+    the first convolution sees the image; where it does not (a network scaling its input first),
+    the network goes as it is. Either way the logits are the network's, within bfloat16's error."""
+    net = make(1)
+    runner = NetworkRunner(net, torch.device("cpu"), cpu=CpuNetwork.OPENVINO)
+    x = image(8, (2, 1, 16, 16, 16))
+    got = runner(x, ("fold", 0))
+    with torch.no_grad():
         ref = net(x)
-    assert shapes == [(4, 1, *PATCH)] and out.shape == ref.shape
-    np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=1e-5)
-
-
-# ---------------------------------------------------------------------- CUDA (benchmarks/gpu_check.sh)
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("choice", list(CudaNetwork))
-def test_every_cuda_path_against_nnunets_predictor_on_the_cpu(choice):
-    plain, heart = pair(2)
-    heart.device, heart.perform_everything_on_device = torch.device("cuda"), True
-    heart.cuda_network = choice.value
-    heart.inference_batch = 4
-    data = image(5)
-    ref = plain.predict_logits_from_preprocessed_data(data).float().numpy()[INNER]
-    got = heart.predict_logits_from_preprocessed_data(data).float().cpu().numpy()[INNER]
-    err = np.abs(got - ref).max() / np.abs(ref).max()
-    assert err <= 0.05, f"{choice.value}: max error {err:.4f} of the logits' range"
-    assert (got.argmax(0) == ref.argmax(0)).mean() >= 0.98
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.05
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.97
+    converted = runner._openvino[("fold", 0)]
+    assert converted.bf16 and converted.split_image is split
+    compiled = runner._compiled[(("fold", 0), tuple(x.shape), True, torch.get_num_threads())].get_compiled_model()
+    assert compiled.input(0).get_partial_shape()[1].get_length() == (3 if split else 1)
+    ops = compiled.get_runtime_model().get_ordered_ops()
+    assert {o.get_rt_info()["runtimePrecision"].astype(str) for o in ops
+            if o.get_rt_info()["layerType"].astype(str) == "Convolution"} == {"bf16"}
+    got1 = runner(x[:1], ("fold", 0))  # another batch shape: compiled again, converted once
+    assert float((got1 - got[:1]).abs().max() / ref.abs().max()) < 0.01
+    assert len(runner._openvino) == 1 and len(runner._compiled) == 2
