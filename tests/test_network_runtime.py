@@ -249,3 +249,22 @@ def test_openvino_bf16_takes_the_split_image_where_the_first_convolution_sees_th
     got1 = runner(x[:1], ("fold", 0))  # another batch shape: compiled again, converted once
     assert float((got1 - got[:1]).abs().max() / ref.abs().max()) < 0.01
     assert len(runner._openvino) == 1 and len(runner._compiled) == 2
+
+
+@needs_openvino
+@pytest.mark.skipif(not network_runtime.cpu_has_bf16(), reason="this CPU has no bfloat16: OpenVINO runs float32")
+@pytest.mark.parametrize("make,bf16", [(unet, True), (scaled_input_unet, False)])
+def test_auto_runs_float32_where_the_split_image_cannot_be_taken(make, bf16, capsys):
+    """`auto` never runs the whole network in bfloat16 (beyond the bound on a trained model): a
+    network whose first convolution does not see the image goes in float32, with a log line."""
+    net = make(2)
+    runner = NetworkRunner(net, torch.device("cpu"), cpu=CpuNetwork.AUTO)
+    assert runner.cpu_path is CpuNetwork.OPENVINO
+    x = image(10, (1, 1, 16, 16, 16))
+    got = runner(x, ("fold", 0))
+    with torch.no_grad():
+        ref = net(x)
+    converted = runner._openvino[("fold", 0)]
+    assert converted.bf16 is bf16 and converted.split_image is bf16
+    assert ("openvino-float32" in capsys.readouterr().out) is not bf16
+    assert float((got - ref).abs().max() / ref.abs().max()) < (0.05 if bf16 else 1e-4)

@@ -27,7 +27,8 @@ input and weight is exactly a bfloat16 value, the products of a bfloat16 convolu
 its sums float32, so it computes hi*w + lo*wh = x*w to ~2^-16, for three input channels instead of
 one (nothing, next to the network). The rest runs in bfloat16. This is taken only where the first
 convolution is found (the stem's of ResidualEncoderUNet, the first stage's of PlainConvUNet) and is
-seen, while converting, to be applied to the network's input itself; else the network goes as it is.
+seen, while converting, to be applied to the network's input itself. Else `auto` runs the network in
+float32 (with a log line) and `openvino` runs it whole in bfloat16, as asked.
 
 Why `auto` is `openvino`: benchmarks/bench_network.py measures every option on the same weights
 against nnU-Net's predictor, and benchmarks/network_accuracy.py on the demo's trained models
@@ -160,12 +161,14 @@ class NetworkRunner:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return self.network(x).float()
         return self._openvino_forward(x, weights if weights is not None else self._fingerprint(),
-                                      bf16=path is CpuNetwork.OPENVINO and cpu_has_bf16())
+                                      bf16=path is CpuNetwork.OPENVINO and cpu_has_bf16(),
+                                      whole_bf16=self.cpu is not CpuNetwork.AUTO)
 
     def _fingerprint(self) -> Tuple:
         return tuple((p.data_ptr(), p._version) for p in self.network.parameters())
 
-    def _openvino_forward(self, x: torch.Tensor, weights: Hashable, *, bf16: bool) -> torch.Tensor:
+    def _openvino_forward(self, x: torch.Tensor, weights: Hashable, *, bf16: bool, whole_bf16: bool = True
+                          ) -> torch.Tensor:
         import numpy as np
 
         threads = torch.get_num_threads()
@@ -178,7 +181,7 @@ class NetworkRunner:
                 # outside the fold loop; the fold loop's are kept, one per fold)
                 if not isinstance(weights, tuple) or weights[:1] != ("fold",):
                     self._drop(lambda k: not (isinstance(k, tuple) and k[:1] == ("fold",)))
-                converted = self._openvino[weights] = _convert(self.network, x, bf16)
+                converted = self._openvino[weights] = _convert(self.network, x, bf16, whole_bf16)
             request = self._compiled[key] = _compile(converted, x.shape, threads)
         x = x.detach().cpu().float()
         data = np.ascontiguousarray((split_image(x) if converted.split_image else x).numpy())
@@ -288,9 +291,11 @@ def _split_image_network(network: torch.nn.Module):
     return body, split
 
 
-def _convert(network: torch.nn.Module, x: torch.Tensor, bf16: bool) -> OpenVinoNetwork:
+def _convert(network: torch.nn.Module, x: torch.Tensor, bf16: bool, whole_bf16: bool = True) -> OpenVinoNetwork:
     """The network for OpenVINO: in float32 as it is; in bfloat16 with its first convolution on the
-    split image, where that convolution is found and sees the image only (else as it is)."""
+    split image, where that convolution is found and sees the image only; else the whole network in
+    bfloat16 where `whole_bf16` (the user chose `openvino`), in float32 where not (`auto`: the
+    whole network in bfloat16 moved a trained model's labels beyond the bound)."""
     import openvino as ov
 
     def convert(module, example):
@@ -306,6 +311,11 @@ def _convert(network: torch.nn.Module, x: torch.Tensor, bf16: bool) -> OpenVinoN
         split.input = None
         if split.seen and all(split.seen):
             return OpenVinoNetwork(model, True, True)
+    if bf16 and not whole_bf16:
+        print("nnunet_heart_ext: CPU network: openvino-float32: the network's first convolution is not one this "
+              f"path knows to take on the split image ({type(network).__name__}), and bfloat16 throughout would "
+              "move its labels", flush=True)
+        bf16 = False
     return OpenVinoNetwork(convert(network, example), bf16, False)
 
 
