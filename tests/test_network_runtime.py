@@ -180,6 +180,21 @@ def scaled_input_unet(seed: int) -> torch.nn.Module:
                        {"inplace": True}, deep_supervision=False).eval()
 
 
+def test_split_image_keeps_the_channels_apart():
+    """A two-channel image (e.g. CT and a second modality): [hi of each, hi of each, lo of each]
+    against weights [wh, wl, wh] of each input channel, so body(split) is network(x)."""
+    torch.manual_seed(3)
+    net = ResidualEncoderUNet(2, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 3, (1, 1), True,
+                              torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None,
+                              torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=False).eval()
+    x = image(11, (1, 2, 16, 16, 16))
+    x[:, 1] *= 100  # channels of different scales: mixing them up would show
+    body, split = network_runtime._split_image_network(net)
+    assert split.conv.in_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(body(network_runtime.split_image(x)), net(x), atol=1e-4, rtol=1e-4)
+
+
 def test_split_image_is_exact_in_bfloat16_values():
     """hi and lo are bfloat16 values whose sum is x to 2^-16 (bfloat16 alone: 2^-8)."""
     x = image(9, (2, 1, 8, 9, 10)) * 1000 + 3
