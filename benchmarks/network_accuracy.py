@@ -167,9 +167,10 @@ def main(argv=None) -> int:
         if args.predict_step_run is not None else []
     worst = dict(min_agreement=min(r["agreement"] for r in rows if r["agreement"] is not None),
                  min_test_diff=min(r["test_diff"] for r in rows if not np.isnan(r["test_diff"])))
-    report("network_accuracy" + ("_mirroring" if args.mirror else "") + ("" if args.option == "auto" else f"_{args.option}"), rows, title=f"trained demo models: {args.option} ({resolved}) against nnU-Net's "
-                                           "float32 predictor", extra={"option": args.option, "resolved": resolved,
-                                                                        "worst": worst, "predict_step": step})
+    name = "network_accuracy" + ("_mirroring" if args.mirror else "") + \
+        ("" if args.option == "auto" else f"_{args.option}")
+    report(name, rows, title=f"trained demo models: {args.option} ({resolved}) against nnU-Net's float32 predictor",
+           extra={"option": args.option, "resolved": resolved, "worst": worst, "predict_step": step})
     print("worst:", worst)
     return 0
 

@@ -218,11 +218,17 @@ class OpenVinoNetwork:
     split_image: bool  # the input is `split_image(x)`: the first convolution computes in float32's precision
 
 
+def bf16_parts(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) in float32, each exactly a bfloat16 value: hi = bf16(t), lo = bf16(t - hi), so
+    hi + lo is t to 16 bits of mantissa (bfloat16 alone: 8)."""
+    t = t.float()
+    hi = t.to(torch.bfloat16).float()
+    return hi, (t - hi).to(torch.bfloat16).float()
+
+
 def split_image(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, ...) float32 -> (B, 3C, ...): [hi, hi, lo], each channel exactly a bfloat16 value,
-    hi = bf16(x), lo = bf16(x - hi), so hi + lo is x to 16 bits of mantissa (bfloat16 alone: 8)."""
-    hi = x.to(torch.bfloat16).float()
-    lo = (x - hi).to(torch.bfloat16).float()
+    """(B, C, ...) float32 -> (B, 3C, ...): [hi, hi, lo] of `bf16_parts(x)`."""
+    hi, lo = bf16_parts(x)
     return torch.cat([hi, hi, lo], 1)
 
 
@@ -252,9 +258,7 @@ class _SplitImageConv(torch.nn.Module):
 
     def __init__(self, conv: torch.nn.modules.conv._ConvNd):
         super().__init__()
-        w = conv.weight.detach().float()
-        wh = w.to(torch.bfloat16).float()
-        wl = (w - wh).to(torch.bfloat16).float()
+        wh, wl = bf16_parts(conv.weight.detach())
         self.conv = type(conv)(3 * conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                conv.dilation, 1, conv.bias is not None, conv.padding_mode)
         with torch.no_grad():
