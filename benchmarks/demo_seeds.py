@@ -1,14 +1,22 @@
-"""The CPU demo on several phantom seeds, each run alone, with and without the decision offsets.
+"""The CPU demo on several phantom seeds, each run alone, with and without what the extension
+decides for the small classes.
 
-    python -m benchmarks.demo_seeds [--seeds 20,21,22,24,25,26,27,28,29,30] [--work DIR] [--tag M]
+    python -m benchmarks.demo_seeds [--seeds 20,21,22,24,25,26,27,28,29,30] [--work DIR] [--tag N]
 
 For each seed: `bash ensemble_pipeline.sh --demo --seed N` in a fresh work folder (its wall time;
-its test Dice is the decision's, chosen by the best step on the fold's validation and applied by
-the predictor), then the same model's test predictions again with the decision off
-(NNUNET_HEART_EXT_DECISION=0, nnU-Net's arg-max) and the same postprocessing, scored the same way
+its test Dice is the extension's: the decision offsets and gate chosen by the best step on the
+fold's validation and applied by the predictor, then heart_postprocessing.pkl, keep-largest that
+never removes the small classes). Then the same model's test predictions again with the decision
+off (NNUNET_HEART_EXT_DECISION=0: nnU-Net's argmax), and the four combinations scored the same way:
+
+    extension   offsets + heart_postprocessing.pkl   (the pipeline's own predict.zip)
+    offsets     offsets + nnU-Net's postprocessing.pkl
+    heart_pp    argmax  + heart_postprocessing.pkl
+    nnunet      argmax  + nnU-Net's postprocessing.pkl       (plain nnU-Net)
+
 (nnU-Net's measure: per class, the mean over the test cases of Dice; a case where the class is in
 neither left out). The decision file's validation Dice with and without it are reported too.
-Results: benchmarks/results/demo/run_<tag>_seed<N>_*.json and a table printed.
+Results: benchmarks/results/demo/run_<tag>_seed<N>.json and a table printed.
 """
 import argparse
 import json
@@ -60,21 +68,31 @@ def run_seed(seed: int, root: Path, env: dict) -> dict:
     with_env = dict(env, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
                     nnUNet_results=str(work / "nnUNet_results"))
     without_env = dict(with_env, NNUNET_HEART_EXT_DECISION="0")
-    raw_pred, pp_pred = work / "argmax_predictions", work / "argmax_postprocessed"
+    raw_pred = work / "argmax_predictions"
     folds = [str(f) for f in info["folds"]]
     subprocess.run(["nnUNetv2_predict", "-i", str(work / "nnUNet_raw" / "Dataset100_Heart" / "imagesTs"),
                     "-o", str(raw_pred), "-d", "100", "-tr", model["trainer"], "-p", model["plans_identifier"],
                     "-c", model["configuration"], "-f", *folds, "-device", "cpu", "--disable_tta", "-npp", "2",
                     "-nps", "2"], env=without_env, check=True, capture_output=True)
-    subprocess.run(["nnUNetv2_apply_postprocessing", "-i", str(raw_pred), "-o", str(pp_pred), "-pp_pkl_file",
-                    best["postprocessing_file"], "-np", "2", "-plans_json", str(model_dir / "plans.json"),
-                    "-dataset_json", str(model_dir / "dataset.json")], env=without_env, check=True,
-                   capture_output=True)
-    with_decision = _dice(work / "predictions" / "postprocessed", truth)
-    without = _dice(pp_pred, truth)
+    nnunet_pkl = Path(best["postprocessing_file"])
+    heart_pkl = nnunet_pkl.parent / "heart_postprocessing.pkl"
+    offsets_pred = work / "predictions" / f"{model['trainer']}_{model['plans_identifier']}_{model['configuration']}"
+
+    def postprocessed(source: Path, pkl: Path, name: str) -> Path:
+        out = work / name
+        subprocess.run(["nnUNetv2_apply_postprocessing", "-i", str(source), "-o", str(out), "-pp_pkl_file", str(pkl),
+                        "-np", "2", "-plans_json", str(model_dir / "plans.json"), "-dataset_json",
+                        str(model_dir / "dataset.json")], env=without_env, check=True, capture_output=True)
+        return out
+
+    test = dict(extension=_dice(work / "predictions" / "postprocessed", truth),
+                offsets=_dice(postprocessed(offsets_pred, nnunet_pkl, "offsets_nnunet_pp"), truth),
+                heart_pp=_dice(postprocessed(raw_pred, heart_pkl, "argmax_heart_pp"), truth),
+                nnunet=_dice(postprocessed(raw_pred, nnunet_pkl, "argmax_nnunet_pp"), truth))
     return dict(seed=seed, fold=int(folds[0]), wall_s=round(wall, 1), decision=decision["offsets"],
                 gate_mm3=decision["gate_mm3"], validation=decision["validation_dice"],
-                validation_mean=decision["mean_foreground_dice"], test_with=with_decision, test_without=without)
+                validation_mean=decision["mean_foreground_dice"], postprocessing=decision.get("postprocessing"),
+                test=test)
 
 
 def main(argv=None) -> int:
@@ -82,7 +100,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="20,21,22,24,25,26,27,28,29,30")
     parser.add_argument("--work", type=Path, default=Path("/tmp/demo_seeds"))
-    parser.add_argument("--tag", default="M", help="run letter for the result files (default M)")
+    parser.add_argument("--tag", default="N", help="run letter for the result files (default N)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
@@ -94,14 +112,16 @@ def main(argv=None) -> int:
         rows.append(row)
         (out_dir / f"run_{args.tag}_seed{seed}.json").write_text(json.dumps(row, indent=1))
         print(json.dumps(row), flush=True)
-    print("\nseed  wall  decision  | test with decision (myo/valve/calc) | without")
+    print("\nseed  wall  offsets, gate, keep-largest | test Dice (myo / valve / calcium): extension | offsets "
+          "only | heart pp only | nnU-Net")
     for r in rows:
         if "error" in r:
             print(r["seed"], r["error"])
             continue
-        w, o = r["test_with"], r["test_without"]
-        print(f"{r['seed']:>4} {r['wall_s']:>6.0f}  {r['decision']} gate {r['gate_mm3']}  | "
-              f"{w['1']:.3f} / {w['2']:.3f} / {w['3']:.3f} | {o['1']:.3f} / {o['2']:.3f} / {o['3']:.3f}")
+        cells = " | ".join(f"{t['1']:.3f} / {t['2']:.3f} / {t['3']:.3f}" for t in
+                           (r["test"][k] for k in ("extension", "offsets", "heart_pp", "nnunet")))
+        kept = (r["postprocessing"] or {}).get("keep_largest")
+        print(f"{r['seed']:>4} {r['wall_s']:>6.0f}  {r['decision']} gate {r['gate_mm3']} kl {kept} | {cells}")
     return 0
 
 

@@ -5,6 +5,8 @@
   whole volumes directly, for every setting of a grid, on random cases.
 - On constructed probability maps whose best offset and gate are known, the search finds them;
   where nothing beats nnU-Net's decision by the minimum gain, it keeps zeros.
+- The postprocessing chosen with it (heart_postprocessing.pkl) never removes the small classes,
+  is chosen by nnU-Net's rule for a per-class step, and is a file plain nnU-Net reads and applies.
 """
 import numpy as np
 import pytest
@@ -217,6 +219,166 @@ def test_choose_writes_the_decision_beside_postprocessing_and_reads_back(tmp_pat
     with pytest.raises(ValueError, match="broken.json: not a decision file"):
         decision_file.read(path.parent / "broken.json")
     assert decision_file.read(path).describe() == "offsets calcification +1"
+    # the postprocessing chosen with it: the myocardium blocks are predicted whole, so keep-largest
+    # changes no Dice and is not chosen (nnU-Net's rule: strictly better); no nnU-Net pkl was there
+    pp = decision_file.read(path).postprocessing
+    assert pp.keep_largest == () and pp.dice_without == pp.dice_with == pytest.approx(1.0)
+    assert pp.nnunet_chose == "" and content["postprocessing"]["file"] == "heart_postprocessing.pkl"
+    assert _load_pickle(path.parent / "heart_postprocessing.pkl") == ([], [])
+
+
+def _load_pickle(path):
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def test_choose_leaves_nnunets_postprocessing_as_it_was_and_names_it(tmp_path):
+    import pickle
+
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    from nnunet_heart_ext.data import decision_file
+    from nnunet_heart_ext.nnunet import decision
+
+    model, gt = _model_folder(tmp_path, np.random.default_rng(9), folds=(0,))
+    nnunet_pkl = decision.crossval_folder(model, [0]) / "postprocessing.pkl"
+    nnunet_pkl.parent.mkdir(parents=True)
+    with open(nnunet_pkl, "wb") as f:  # what determine_postprocessing writes when the foreground step won
+        pickle.dump(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": [1, 2, 3]}]), f)
+    before = nnunet_pkl.read_bytes()
+    path = decision.choose([model], [0], gt)
+    assert nnunet_pkl.read_bytes() == before
+    pp = decision_file.read(path).postprocessing
+    assert pp.nnunet_chose == "remove_all_but_largest_component_from_segmentation(labels_or_regions=[1, 2, 3])"
+    # a rerun (a second launch, or after a kill) writes the same files again
+    first = (path.parent / "heart_postprocessing.pkl").read_bytes()
+    decision.choose([model], [0], gt)
+    assert (path.parent / "heart_postprocessing.pkl").read_bytes() == first
+    assert decision_file.read(path).postprocessing == pp
+    assert not [p for p in path.parent.rglob("*") if p.name.startswith(".")]  # no temporary left
+
+
+# ----------------------------------------------------------------------------- postprocessing chosen with it
+def _heart_with_detached_parts(shape=(10, 18, 18)):
+    """A myocardium block; a stray myocardium blob; a valve and a calcification that touch neither."""
+    seg = np.zeros(shape, np.uint8)
+    seg[2:6, 2:8, 2:8] = 1
+    seg[0:2, 15:17, 0:2] = 1     # stray myocardium
+    seg[7:9, 10:12, 2:4] = 2     # valve, detached
+    seg[3:5, 12:14, 12:14] = 3   # calcification, detached
+    return seg
+
+
+def test_heart_postprocessing_never_removes_the_small_classes(tmp_path):
+    from nnunetv2.postprocessing.remove_connected_components import (
+        apply_postprocessing, remove_all_but_largest_component_from_segmentation)
+
+    from nnunet_heart_ext.data.decision_file import Postprocessing
+    from nnunet_heart_ext.nnunet.decision import write_postprocessing
+
+    nnunets_own = getattr(remove_all_but_largest_component_from_segmentation, "__wrapped__",
+                          remove_all_but_largest_component_from_segmentation)
+    seg = _heart_with_detached_parts()
+    # what went wrong on a demo seed: nnU-Net's foreground step deletes the detached small classes
+    foreground = nnunets_own(seg, [1, 2, 3])
+    assert not np.any(foreground == 3) and not np.any(foreground == 2)
+
+    pkl = write_postprocessing(tmp_path / "heart_postprocessing.pkl", Postprocessing((1,), 0.8, 0.9))
+    fns, kwargs = _load_pickle(pkl)
+    assert [f.__module__ for f in fns] == ["nnunetv2.postprocessing.remove_connected_components"]
+    out = apply_postprocessing(seg.copy(), fns, kwargs)
+    np.testing.assert_array_equal(out, nnunets_own(seg, 1))
+    for small in (2, 3):
+        np.testing.assert_array_equal(out == small, seg == small)
+    assert np.count_nonzero(out == 1) == np.count_nonzero(seg == 1) - 8  # the stray blob (2x2x2), gone
+
+    none = write_postprocessing(tmp_path / "none.pkl", Postprocessing((), 0.9, 0.8))
+    fns, kwargs = _load_pickle(none)
+    assert (fns, kwargs) == ([], [])
+    np.testing.assert_array_equal(apply_postprocessing(seg.copy(), fns, kwargs), seg)
+
+
+# Where the extension is not installed (it cannot be imported), heart_postprocessing.pkl loads and applies.
+PLAIN_APPLY = """
+import hashlib, pickle, sys
+sys.modules["nnunet_heart_ext"] = None
+import numpy as np
+from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
+fns, kwargs = pickle.load(open(sys.argv[1], "rb"))
+seg = np.load(sys.argv[2])
+print(fns[0].__code__.co_filename, hashlib.sha1(apply_postprocessing(seg, fns, kwargs).tobytes()).hexdigest())
+"""
+
+
+def test_heart_postprocessing_is_read_by_plain_nnunet(tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nnunet_heart_ext.data.decision_file import Postprocessing
+    from nnunet_heart_ext.nnunet.decision import write_postprocessing
+
+    pkl = write_postprocessing(tmp_path / "heart_postprocessing.pkl", Postprocessing((1,), 0.8, 0.9))
+    seg = _heart_with_detached_parts()
+    np.save(tmp_path / "seg.npy", seg)
+    p = subprocess.run([sys.executable, "-c", PLAIN_APPLY, str(pkl), str(tmp_path / "seg.npy")], capture_output=True,
+                       text=True, env=dict(os.environ, NNUNET_HEART_EXT_DISABLE="1"))
+    assert p.returncode == 0, p.stderr
+    code, digest = p.stdout.split()
+    assert Path(code).as_posix().endswith("nnunetv2/postprocessing/remove_connected_components.py")
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    assert digest == hashlib.sha1(remove_all_but_largest_component_from_segmentation(seg, 1).tobytes()).hexdigest()
+
+
+def _probabilities_of(seg, n=4):
+    """Probabilities whose argmax is `seg`."""
+    p = np.full((n, *seg.shape), 0.1, np.float32)
+    np.put_along_axis(p, seg[None].astype(np.int64), 0.7, axis=0)
+    return p / p.sum(0, keepdims=True)
+
+
+def test_keep_largest_of_the_myocardium_is_chosen_by_nnunets_rule():
+    from nnunet_heart_ext.nnunet.decision import choose_postprocessing, keep_largest_case
+
+    predicted = _heart_with_detached_parts()
+    p = _probabilities_of(predicted)
+    truth_without_blob = predicted.copy()
+    truth_without_blob[0:2, 15:17, 0:2] = 0
+    stray = keep_largest_case(0, "a", p, truth_without_blob)
+    tp, fp = np.count_nonzero(truth_without_blob == 1), 8
+    assert stray.dice_without == pytest.approx(2 * tp / (2 * tp + fp)) and stray.dice_with == pytest.approx(1.0)
+    real = keep_largest_case(0, "b", p, predicted)  # the second component is real myocardium
+    assert real.dice_without == pytest.approx(1.0) and real.dice_with < 1.0
+    empty = keep_largest_case(1, "c", _probabilities_of(np.zeros((4, 5, 6), np.uint8)), np.zeros((4, 5, 6), np.uint8))
+    assert np.isnan(empty.dice_without) and np.isnan(empty.dice_with)
+
+    assert choose_postprocessing([stray, empty]).keep_largest == (1,)
+    assert choose_postprocessing([real, empty]).keep_largest == ()
+    assert choose_postprocessing([stray, real]).keep_largest == ((1,) if stray.dice_with + real.dice_with >
+                                                                 stray.dice_without + real.dice_without else ())
+    assert choose_postprocessing([empty]).keep_largest == ()
+    # equal is not better (nnU-Net's strict rule): one myocardium component, nothing to remove
+    whole = keep_largest_case(0, "d", _probabilities_of(truth_without_blob), truth_without_blob)
+    assert whole.dice_without == whole.dice_with == pytest.approx(1.0)
+    assert choose_postprocessing([whole]).keep_largest == ()
+
+
+def test_the_pipeline_applies_heart_postprocessing_unless_turned_off(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from nnunet_heart_ext.pipeline.layout import Layout
+
+    info = SimpleNamespace(postprocessing_file=tmp_path / "postprocessing.pkl")
+    assert Layout.postprocessing_file(info) == tmp_path / "postprocessing.pkl"  # none written: nnU-Net's
+    (tmp_path / "heart_postprocessing.pkl").write_bytes(b"")
+    assert Layout.postprocessing_file(info) == tmp_path / "heart_postprocessing.pkl"
+    monkeypatch.setenv("NNUNET_HEART_EXT_DECISION", "0")
+    assert Layout.postprocessing_file(info) == tmp_path / "postprocessing.pkl"
 
 
 def test_the_command_and_its_errors(tmp_path):

@@ -423,7 +423,10 @@ def test_ensemble_of_two_configurations(runs, setup, tmp_path):
         assert (ours == theirs).mean() >= 0.999, case
     info = json.loads((work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").read_text())
     pp_pkl = info["best_model_or_ensemble"]["postprocessing_file"]
-    assert "ensembles" in pp_pkl and f"-pp_pkl_file {pp_pkl}" in out
+    # the ensemble's postprocessing chosen with its decision (keep-largest never removes the small
+    # classes), beside nnU-Net's postprocessing.pkl, is the one applied
+    heart_pkl = Path(pp_pkl).parent / "heart_postprocessing.pkl"
+    assert "ensembles" in pp_pkl and heart_pkl.is_file() and f"-pp_pkl_file {heart_pkl}" in out
     assert f"-i {work / 'predictions' / 'ensemble'} -o {work / 'predictions' / 'postprocessed'}" in out
     _check_zip(work / "predict.zip", setup["src"] / "testing_image")
 

@@ -477,8 +477,12 @@ def test_decision_offsets_and_what_they_bought_are_on_the_page(data, tmp_path):
     offsets = (0.0, 0.0, round(float(rng.uniform(0.1, 1.5)), 2), round(float(rng.uniform(0.1, 3.0)), 2))
     choice = Choice(Decision(offsets, 3, 4.0), without, better, float(np.mean([np.mean(v) for v in without.values()])),
                     float(np.mean([np.mean(v) for v in better.values()])), 42)
+    myocardium = sorted(round(float(v), 4) for v in rng.uniform(0.8, 0.99, 2))
+    pp = decision_file.Postprocessing((1,), myocardium[0], myocardium[1], "remove_all_but_largest_component_from_"
+                                      "segmentation(labels_or_regions=[1, 2, 3])")
     path = decision_file.write(tmp_path / ds.DECISION, choice, [data["model"]], [0, 1],
-                               Grid({2: (0.0, offsets[2]), 3: (0.0, offsets[3])}, 3, (0.0, 4.0)))
+                               Grid({2: (0.0, offsets[2]), 3: (0.0, offsets[3])}, 3, (0.0, 4.0)), pp)
+    assert decision_file.read(path).postprocessing == pp
     src = data["src"]
     out = tmp_path / "report"
     page = make_report(Inputs(predictions=data["zip"], images=src / "testing_image", out=out, models=[data["model"]],
@@ -492,6 +496,10 @@ def test_decision_offsets_and_what_they_bought_are_on_the_page(data, tmp_path):
             assert shown["validation_dice"][str(f)]["with_decision"][str(k)] == pytest.approx(b)
             assert f"{a:.4f}" in page and f"{b:.4f}" in page
     assert "id='decision'" in page and f"{offsets[3]:+g}" in page and "kept from 4 mm3" in page
+    assert shown["postprocessing"] == dict(keep_largest=[1], myocardium_dice=dict(
+        without=myocardium[0], with_keep_largest=myocardium[1]), nnunet_chose=pp.nnunet_chose)
+    assert "keep-largest of myocardium" in page and f"{myocardium[1]:.4f} with" in page
+    assert "labels_or_regions=[1, 2, 3]" in page
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(DatasetError, match="bad.json"):
         make_report(Inputs(predictions=data["zip"], images=src / "testing_image", out=tmp_path / "r2",

@@ -67,6 +67,9 @@ SPLITS_JSON = "splits_final.json"
 GT_SEGMENTATIONS = "gt_segmentations"
 INFERENCE_INFORMATION = "inference_information.json"
 DECISION = "heart_decision.json"  # the decision offsets and gate, beside nnU-Net's postprocessing.pkl
+# the postprocessing of HeartTrainer models beside them: nnU-Net's format (plain nnU-Net reads it), keep-largest
+# for the myocardium only (nnunet_heart_ext/nnunet/decision.py chooses it)
+HEART_POSTPROCESSING = "heart_postprocessing.pkl"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 

@@ -5,10 +5,17 @@ what they bought on each fold's validation. One record, `DecisionFile`, read and
     {"offsets": {"2": 0.5, "3": 1.0}, "gated_label": 3, "gate_mm3": 2.0,
      "models": [...], "folds": [0, 1, 2, 3, 4],
      "validation_dice": {"0": {"nnunet": {"1": .., "2": .., "3": ..}, "with_decision": {...}}, ...},
-     "mean_foreground_dice": {"nnunet": .., "with_decision": ..}, "grid": {...}, "rule": "..."}
+     "mean_foreground_dice": {"nnunet": .., "with_decision": ..}, "grid": {...}, "rule": "...",
+     "postprocessing": {"file": "heart_postprocessing.pkl", "keep_largest": [1],
+                        "dice": {"without": .., "with": ..}, "nnunet_chose": "...", "rule": "..."}}
+
+Beside it, `heart_postprocessing.pkl` (nnU-Net's format, read by nnUNetv2_apply_postprocessing): the
+postprocessing of HeartTrainer models, keep-largest for the myocardium only. Which postprocessing
+file applies, and whether the decision does, is stated here (`postprocessing_to_apply`, `enabled`).
 """
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,6 +27,39 @@ from nnunet_heart_ext.kernels.decision import Choice, Decision, Grid
 RULE = ("argmax_c(log p_c + offset_c); a case keeps the gated label only if its voxels add up to gate_mm3; "
         "chosen on the folds' validation: the best mean over folds of nnU-Net's mean foreground Dice, nnU-Net's "
         "decision unless beaten by min_gain, ties to the smallest offsets and gate")
+POSTPROCESSING_RULE = ("keep-largest never removes the small classes (aortic valve, calcification): only the "
+                       "myocardium's largest component is kept, and only where that raises its mean Dice over the "
+                       "folds' validation cases (nnU-Net's labels; nnU-Net's rule for a per-class step)")
+OFF_ENV = "NNUNET_HEART_EXT_DECISION"  # 0: neither the decision nor heart_postprocessing.pkl applies
+
+
+def enabled() -> bool:
+    """Whether decision files (and the postprocessing chosen with them) apply."""
+    return os.environ.get(OFF_ENV, "1").strip() not in ("0",)
+
+
+def postprocessing_to_apply(nnunet_pkl: Path) -> Path:
+    """The postprocessing applied to a model's (or ensemble's) predictions: heart_postprocessing.pkl
+    where the decision step wrote one beside nnU-Net's postprocessing.pkl (and decisions are on),
+    else nnU-Net's."""
+    heart = Path(nnunet_pkl).parent / ds.HEART_POSTPROCESSING
+    return heart if enabled() and heart.is_file() else Path(nnunet_pkl)
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """The postprocessing chosen with the decision: keep-largest of these labels (empty: none),
+    the myocardium's mean validation Dice without and with it, and what nnU-Net's own
+    postprocessing.pkl did, in words."""
+    keep_largest: Tuple[int, ...] = ()
+    dice_without: float = math.nan
+    dice_with: float = math.nan
+    nnunet_chose: str = ""
+
+    def describe(self) -> str:
+        if not self.keep_largest:
+            return "no keep-largest"
+        return "keep-largest of " + ", ".join(ds.CLASSES.get(c, str(c)) for c in self.keep_largest)
 
 
 @dataclass(frozen=True)
@@ -31,6 +71,7 @@ class DecisionFile:
     dice: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)  # fold -> nnunet|with_decision -> label -> Dice
     dice_without: float = math.nan  # the mean over folds of nnU-Net's mean foreground Dice, argmax
     dice_with: float = math.nan     # the same with the decision
+    postprocessing: Optional[Postprocessing] = None  # written with heart_postprocessing.pkl (files before it: None)
 
     def fold_rows(self) -> List[Tuple[str, str, Tuple[float, ...]]]:
         """(fold, "nnunet" | "with_decision", Dice per class of ds.CLASSES) for each fold in its
@@ -63,15 +104,21 @@ def read(path: Path) -> DecisionFile:
         decision = Decision(offsets if len(offsets) > 1 else (0.0,), None if gated is None else int(gated),
                             float(content.get("gate_mm3", 0.0)))
         means = content.get("mean_foreground_dice", {})
+        pp = content.get("postprocessing")
+        postprocessing = None if pp is None else Postprocessing(
+            tuple(int(c) for c in pp["keep_largest"]), float(pp["dice"]["without"]), float(pp["dice"]["with"]),
+            str(pp.get("nnunet_chose", "")))
         return DecisionFile(decision, list(content.get("folds", [])), list(content.get("models", [])),
                             dict(content.get("validation_dice", {})), float(means.get("nnunet", math.nan)),
-                            float(means.get("with_decision", math.nan)))
+                            float(means.get("with_decision", math.nan)), postprocessing)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a decision file ({type(e).__name__}: {e})") from None
 
 
-def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: Grid) -> Path:
-    """Write the search's choice (and what it bought) atomically."""
+def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: Grid,
+          postprocessing: Optional[Postprocessing] = None) -> Path:
+    """Write the search's choice (and what it bought) atomically; `postprocessing`: the one chosen
+    with it, written before this file as heart_postprocessing.pkl beside it."""
     d = choice.decision
     labels = [str(c) for c in ds.CLASSES]
     content = {
@@ -86,4 +133,10 @@ def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: G
                  "gates_mm3": list(grid.gates_mm3), "min_gain": grid.min_gain, "settings_tried": choice.settings_tried},
         "rule": RULE,
     }
+    if postprocessing is not None:
+        content["postprocessing"] = {
+            "file": ds.HEART_POSTPROCESSING, "keep_largest": list(postprocessing.keep_largest),
+            "dice": {"label": ds.LABELS["myocardium"], "without": postprocessing.dice_without,
+                     "with": postprocessing.dice_with},
+            "nnunet_chose": postprocessing.nnunet_chose, "rule": POSTPROCESSING_RULE}
     return write_text(json.dumps(content, indent=1), Path(path))

@@ -115,6 +115,20 @@ class Layout:
         postprocessing.pkl (`info`: nnunet_outputs.InferenceInformation)."""
         return info.postprocessing_file.parent / ds.DECISION
 
+    @staticmethod
+    def heart_postprocessing_file(info) -> Path:
+        """The postprocessing the decision step chose with the decision (keep-largest never removes
+        the small classes), beside nnU-Net's postprocessing.pkl."""
+        return info.postprocessing_file.parent / ds.HEART_POSTPROCESSING
+
+    @staticmethod
+    def postprocessing_file(info) -> Path:
+        """The postprocessing the pipeline applies: heart_postprocessing.pkl where the decision step
+        wrote one (and NNUNET_HEART_EXT_DECISION is not 0), else nnU-Net's postprocessing.pkl."""
+        from nnunet_heart_ext.data.decision_file import postprocessing_to_apply
+
+        return postprocessing_to_apply(info.postprocessing_file)
+
     @property
     def inference_information(self) -> Path:
         return self.results / ds.INFERENCE_INFORMATION

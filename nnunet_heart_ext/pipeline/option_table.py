@@ -29,11 +29,14 @@ same command after a stop), and logs each command line before it runs. Steps:
                a fold with checkpoint_final.pth is finished, one with a checkpoint continues (--c)
   validate     nnUNetv2_train --val --npz, only for folds whose validation outputs are missing
   best         nnUNetv2_find_best_configuration over CONFIGS and FOLDS, then nnunet-heart decision:
-               the small classes' decision offsets and has-calcium gate, on the same validation
+               the small classes' decision offsets and has-calcium gate, on the same validation,
+               and heart_postprocessing.pkl: keep-largest for the myocardium only, never the
+               small classes (nnU-Net's postprocessing.pkl stays as nnU-Net wrote it)
   predict      nnUNetv2_predict with the chosen configuration and all FOLDS (parts split over
                the GPUs); when the best is an ensemble of configurations, nnunet-heart
                predict-ensemble averages their probabilities in memory (no .npz round trip)
-  postprocess  nnUNetv2_apply_postprocessing with the chosen postprocessing.pkl
+  postprocess  nnUNetv2_apply_postprocessing with heart_postprocessing.pkl (nnU-Net's
+               postprocessing.pkl where NNUNET_HEART_EXT_DECISION=0 or none was written)
   export       nnunet-heart export -> predict.zip (flat, CASE_predict.nii.gz)
   score        (--demo only) Dice per class of predict.zip against the synthetic ground truth
   report       nnunet-heart report -> WORK/report/index.html: one static page (open it in any

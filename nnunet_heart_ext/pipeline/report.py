@@ -90,8 +90,13 @@ def decision_summary(layout: Layout) -> str:
         finite = [v for v in values if v == v]
         rows.append((f"fold {fold} {'argmax' if key == 'nnunet' else 'decided'}",
                      list(values) + [sum(finite) / len(finite) if finite else float("nan")]))
+    pp = chosen.postprocessing
+    postprocessing = "" if pp is None else (
+        f"\npostprocessing ({layout.postprocessing_file(nnunet_outputs.read_inference_information(info_file)).name}"
+        f"): {pp.describe()}, the small classes never removed (myocardium's validation Dice {pp.dice_without:.4f} "
+        f"-> {pp.dice_with:.4f}; nnU-Net's postprocessing.pkl: {pp.nnunet_chose or 'not found'})")
     return (f"decision ({path.name}): {chosen.describe()}; validation Dice without and with it:\n"
-            + _table(rows))
+            + _table(rows) + postprocessing)
 
 
 def dice_table(summary_json: Path) -> str:

@@ -103,5 +103,10 @@ class Report:
                 validation_dice={fold: {k: {c: number(d) for c, d in v.items()} for k, v in by.items()}
                                  for fold, by in self.decision.dice.items()},
                 mean_foreground_dice=dict(nnunet=number(self.decision.dice_without),
-                                          with_decision=number(self.decision.dice_with))),
+                                          with_decision=number(self.decision.dice_with)),
+                postprocessing=None if self.decision.postprocessing is None else dict(
+                    keep_largest=list(self.decision.postprocessing.keep_largest),
+                    myocardium_dice=dict(without=number(self.decision.postprocessing.dice_without),
+                                         with_keep_largest=number(self.decision.postprocessing.dice_with)),
+                    nnunet_chose=self.decision.postprocessing.nnunet_chose)),
             seconds=round(self.seconds, 2))

@@ -142,7 +142,18 @@ def decision_section(r: Report) -> str:
             for fold, key, values in d.fold_rows()]
     return (f"<h3 id='decision'>Decision offsets and has-calcium gate</h3><p class='sub'>{_e(d.describe())}; "
             f"mean foreground Dice over the folds {_f(number(d.dice_without), 4)} with nnU-Net's argmax, "
-            f"{_f(number(d.dice_with), 4)} with the decision ({_e(r.decision_path)})</p>" + _table(head, rows))
+            f"{_f(number(d.dice_with), 4)} with the decision ({_e(r.decision_path)})</p>" + _table(head, rows)
+            + _postprocessing_line(d.postprocessing))
+
+
+def _postprocessing_line(pp) -> str:
+    """The postprocessing chosen with the decision (heart_postprocessing.pkl), in one line."""
+    if pp is None:
+        return ""
+    return (f"<p class='sub'>Postprocessing chosen with it: {_e(pp.describe())} (the myocardium's mean validation "
+            f"Dice {_f(number(pp.dice_without), 4)} without, {_f(number(pp.dice_with), 4)} with); keep-largest never "
+            f"removes the aortic valve or the calcification. nnU-Net's postprocessing.pkl: "
+            f"{_e(pp.nnunet_chose or 'not found')}</p>")
 
 
 # ----------------------------------------------------------------------------- cross-validation

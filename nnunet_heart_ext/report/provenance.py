@@ -85,9 +85,20 @@ class Provenance:
 
 
 def _chosen_postprocessing(pkl: Optional[Path]) -> Optional[str]:
-    """nnU-Net's postprocessing.json beside the .pkl (what it chose, in words), compacted."""
+    """nnU-Net's postprocessing.json beside the .pkl (what it chose, in words), compacted; for
+    heart_postprocessing.pkl, what heart_decision.json beside it says was chosen."""
     if pkl is None:
         return None
+    if Path(pkl).name == ds.HEART_POSTPROCESSING:
+        from nnunet_heart_ext.data import decision_file
+
+        try:
+            pp = decision_file.read(Path(pkl).with_name(ds.DECISION)).postprocessing
+        except ValueError:
+            return None
+        return None if pp is None else (f"{pp.describe()} (small classes never removed; myocardium's validation "
+                                        f"Dice {pp.dice_without:.4f} -> {pp.dice_with:.4f}; nnU-Net's "
+                                        f"postprocessing.pkl: {pp.nnunet_chose or 'not found'})")
     beside = Path(pkl).with_name(ds.POSTPROCESSING_JSON)
     try:
         return json.dumps(json.loads(beside.read_text()), separators=(", ", ": "))

@@ -193,13 +193,13 @@ class Postprocess(Step):
         if self.layout.inference_information.is_file():
             info = nnunet_outputs.read_inference_information(self.layout.inference_information)
             final = self.layout.final_predictions(info.selected)
-            pkl, plans = str(info.postprocessing_file), str(info.some_plans_file)
+            pkl, plans = str(self.layout.postprocessing_file(info)), str(info.some_plans_file)
             if not assume and prediction_problems(self.layout, info.selected):
                 raise NotReady(f"predictions incomplete in {final}: run the predict step first")
             dataset_json = str(info.some_plans_file.parent / ds.DATASET_JSON)
         else:  # a dry run before the best step
             final = self.layout.final_predictions(models_to_predict(self.ctx, assume))
-            pkl, plans, dataset_json = ("<postprocessing.pkl of the best>", "<plans.json of the best>",
+            pkl, plans, dataset_json = ("<heart_postprocessing.pkl (or postprocessing.pkl) of the best>", "<plans.json of the best>",
                                         "<dataset.json beside it>")
         yield Wave([Job("postprocess", ["nnUNetv2_apply_postprocessing", "-i", str(final), "-o", str(out),
                                         "-pp_pkl_file", pkl, "-np", self.ctx.n_proc_or_default, "-plans_json", plans,
@@ -324,7 +324,7 @@ class Report(Step):
         info = layout.inference_information
         if info.is_file() and not json_problem(info):
             chosen = nnunet_outputs.read_inference_information(info)
-            argv += ["--postprocessing", str(chosen.postprocessing_file)]
+            argv += ["--postprocessing", str(layout.postprocessing_file(chosen))]
             if layout.decision_file(chosen).is_file():
                 argv += ["--decision", str(layout.decision_file(chosen))]
         if self.o.demo and (assume or layout.test_dice.is_file()):

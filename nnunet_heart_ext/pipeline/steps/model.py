@@ -252,6 +252,13 @@ class Best(Step):
             return Check(False, f"{decision} is {problem}")
         if mtime(decision) < mtime(self.layout.inference_information):
             return Check(False, f"{decision} is older than {self.layout.inference_information}")
+        heart_pkl = self.layout.heart_postprocessing_file(nnunet_outputs.read_inference_information(
+            self.layout.inference_information))
+        if nnunet_outputs.read_decision(decision).postprocessing is None:
+            return Check(False, f"{decision} was written before the postprocessing was chosen with it")
+        problem = pickle_problem(heart_pkl)
+        if problem:
+            return Check(False, f"{heart_pkl} is {problem}")
         return Check(True, f"{c.reason}; decision in {decision.name}")
 
     def check_labels(self) -> None:
@@ -294,3 +301,8 @@ class Best(Step):
         decision = nnunet_outputs.read_decision(self.layout.decision_file(info))
         print(f"  decision: {decision.describe()}; validation mean foreground Dice {decision.dice_without:.4f} "
               f"(argmax) -> {decision.dice_with:.4f}", flush=True)
+        pp = decision.postprocessing
+        if pp is not None:
+            print(f"  postprocessing: {pp.describe()} (myocardium's validation Dice {pp.dice_without:.4f} -> "
+                  f"{pp.dice_with:.4f}; nnU-Net chose: {pp.nnunet_chose or 'nothing'}); applied: "
+                  f"{self.layout.postprocessing_file(info).name}", flush=True)
