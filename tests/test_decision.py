@@ -391,6 +391,8 @@ def test_the_command_and_its_errors(tmp_path):
     p = subprocess.run([exe, "decision", "-m", str(model), "-f", "0", "--gt", str(gt)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "decision: offsets calcification +1" in p.stdout
+    assert "postprocessing: no keep-largest, the small classes never removed" in p.stdout
+    assert "nnU-Net's postprocessing.pkl: not found); apply with nnUNetv2_apply_postprocessing" in p.stdout
     assert (model / "crossval_results_folds_0" / "heart_decision.json").is_file()
     p = subprocess.run([exe, "decision", "-m", str(model), "-f", "0", "1", "--gt", str(gt)], capture_output=True,
                        text=True)

@@ -70,6 +70,7 @@ DECISION = "heart_decision.json"  # the decision offsets and gate, beside nnU-Ne
 # the postprocessing of HeartTrainer models beside them: nnU-Net's format (plain nnU-Net reads it), keep-largest
 # for the myocardium only (nnunet_heart_ext/nnunet/decision.py chooses it)
 HEART_POSTPROCESSING = "heart_postprocessing.pkl"
+NNUNET_POSTPROCESSING = "postprocessing.pkl"  # what nnUNetv2_find_best_configuration chose, in the same folder
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 

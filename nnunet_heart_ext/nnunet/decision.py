@@ -218,16 +218,14 @@ def choose(model_folders: Sequence[Path], folds: Sequence, gt_folder: Path, out_
     reduced = reduce_validation(model_folders, folds, Path(gt_folder), grid)
     choice = search(reduced.cases, grid, len(ds.LABEL_VALUES))
     postprocessing = choose_postprocessing(reduced.keep_largest,
-                                           nnunet_postprocessing_steps(out_folder / "postprocessing.pkl"))
+                                           nnunet_postprocessing_steps(out_folder / ds.NNUNET_POSTPROCESSING))
     pkl = write_postprocessing(out_folder / ds.HEART_POSTPROCESSING, postprocessing)
     # the json last: a complete heart_decision.json means its postprocessing file is complete too
     path = decision_file.write(out_folder / DECISION_FILE, choice, model_folders, folds, grid, postprocessing)
     print(f"decision: {describe(choice.decision)}; mean foreground Dice on validation "
           f"{choice.objective_without:.4f} (nnU-Net's argmax) -> {choice.objective_with:.4f} ({path})", flush=True)
-    print(f"postprocessing: {postprocessing.describe()} (myocardium's mean validation Dice "
-          f"{postprocessing.dice_without:.4f} -> {postprocessing.dice_with:.4f}); the small classes are never "
-          f"removed (nnU-Net chose: {postprocessing.nnunet_chose or 'no postprocessing.pkl found'}); apply with "
-          f"nnUNetv2_apply_postprocessing -pp_pkl_file {pkl}", flush=True)
+    print(f"postprocessing: {postprocessing.summary()}; apply with nnUNetv2_apply_postprocessing -pp_pkl_file {pkl}",
+          flush=True)
     return path
 
 

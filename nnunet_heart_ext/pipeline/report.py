@@ -81,7 +81,8 @@ def decision_summary(layout: Layout) -> str:
     """What the decision offsets and gate bought on each fold's validation ('' before the best step)."""
     info_file = layout.inference_information
     try:
-        path = layout.decision_file(nnunet_outputs.read_inference_information(info_file))
+        info = nnunet_outputs.read_inference_information(info_file)
+        path = layout.decision_file(info)
         chosen = nnunet_outputs.read_decision(path)
     except Exception:  # noqa: BLE001  (no choice yet, or a file the next run redoes)
         return ""
@@ -91,10 +92,7 @@ def decision_summary(layout: Layout) -> str:
         rows.append((f"fold {fold} {'argmax' if key == 'nnunet' else 'decided'}",
                      list(values) + [sum(finite) / len(finite) if finite else float("nan")]))
     pp = chosen.postprocessing
-    postprocessing = "" if pp is None else (
-        f"\npostprocessing ({layout.postprocessing_file(nnunet_outputs.read_inference_information(info_file)).name}"
-        f"): {pp.describe()}, the small classes never removed (myocardium's validation Dice {pp.dice_without:.4f} "
-        f"-> {pp.dice_with:.4f}; nnU-Net's postprocessing.pkl: {pp.nnunet_chose or 'not found'})")
+    postprocessing = "" if pp is None else f"\npostprocessing ({layout.postprocessing_file(info).name}): {pp.summary()}"
     return (f"decision ({path.name}): {chosen.describe()}; validation Dice without and with it:\n"
             + _table(rows) + postprocessing)
 

@@ -96,9 +96,7 @@ def _chosen_postprocessing(pkl: Optional[Path]) -> Optional[str]:
             pp = decision_file.read(Path(pkl).with_name(ds.DECISION)).postprocessing
         except ValueError:
             return None
-        return None if pp is None else (f"{pp.describe()} (small classes never removed; myocardium's validation "
-                                        f"Dice {pp.dice_without:.4f} -> {pp.dice_with:.4f}; nnU-Net's "
-                                        f"postprocessing.pkl: {pp.nnunet_chose or 'not found'})")
+        return None if pp is None else pp.summary()
     beside = Path(pkl).with_name(ds.POSTPROCESSING_JSON)
     try:
         return json.dumps(json.loads(beside.read_text()), separators=(", ", ": "))

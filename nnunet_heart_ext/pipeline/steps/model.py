@@ -246,14 +246,14 @@ class Best(Step):
         c = self._choice_check()
         if not c.done:
             return c
-        decision = self.layout.decision_file(nnunet_outputs.read_inference_information(self.layout.inference_information))
+        info = nnunet_outputs.read_inference_information(self.layout.inference_information)
+        decision = self.layout.decision_file(info)
         problem = json_problem(decision)
         if problem:
             return Check(False, f"{decision} is {problem}")
         if mtime(decision) < mtime(self.layout.inference_information):
             return Check(False, f"{decision} is older than {self.layout.inference_information}")
-        heart_pkl = self.layout.heart_postprocessing_file(nnunet_outputs.read_inference_information(
-            self.layout.inference_information))
+        heart_pkl = self.layout.heart_postprocessing_file(info)
         if nnunet_outputs.read_decision(decision).postprocessing is None:
             return Check(False, f"{decision} was written before the postprocessing was chosen with it")
         problem = pickle_problem(heart_pkl)
@@ -303,6 +303,5 @@ class Best(Step):
               f"(argmax) -> {decision.dice_with:.4f}", flush=True)
         pp = decision.postprocessing
         if pp is not None:
-            print(f"  postprocessing: {pp.describe()} (myocardium's validation Dice {pp.dice_without:.4f} -> "
-                  f"{pp.dice_with:.4f}; nnU-Net chose: {pp.nnunet_chose or 'nothing'}); applied: "
-                  f"{self.layout.postprocessing_file(info).name}", flush=True)
+            print(f"  postprocessing: {pp.summary()}; applied: {self.layout.postprocessing_file(info).name}",
+                  flush=True)
