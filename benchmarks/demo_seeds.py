@@ -1,7 +1,7 @@
 """The CPU demo on several phantom seeds, each run alone, with and without what the extension
 decides for the small classes.
 
-    python -m benchmarks.demo_seeds [--seeds 20,21,22,24,25,26,27,28,29,30] [--work DIR] [--tag N]
+    python -m benchmarks.demo_seeds [--seeds 20,21,22,24,25,26,27,28,29,30] [--work DIR] [--tag N] [--resume]
 
 For each seed: `bash ensemble_pipeline.sh --demo --seed N` in a fresh work folder (its wall time;
 its test Dice is the extension's: the decision offsets and gate chosen by the best step on the
@@ -46,9 +46,10 @@ def _dice(pred_dir: Path, truth: dict) -> dict:
     return {str(c): (float(np.mean(v)) if v else float("nan")) for c, v in per_class.items()}
 
 
-def run_seed(seed: int, root: Path, env: dict) -> dict:
+def run_seed(seed: int, root: Path, env: dict, resume: bool = False) -> dict:
     work = root / f"seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
     with open(root / f"seed{seed}.log", "w") as log:
         rc = subprocess.run(["bash", str(REPO / "ensemble_pipeline.sh"), "--demo", "--seed", str(seed), "--work",
@@ -89,8 +90,8 @@ def run_seed(seed: int, root: Path, env: dict) -> dict:
                 offsets=_dice(postprocessed(offsets_pred, nnunet_pkl, "offsets_nnunet_pp"), truth),
                 heart_pp=_dice(postprocessed(raw_pred, heart_pkl, "argmax_heart_pp"), truth),
                 nnunet=_dice(postprocessed(raw_pred, nnunet_pkl, "argmax_nnunet_pp"), truth))
-    return dict(seed=seed, fold=int(folds[0]), wall_s=round(wall, 1), decision=decision["offsets"],
-                gate_mm3=decision["gate_mm3"], validation=decision["validation_dice"],
+    return dict(seed=seed, fold=int(folds[0]), wall_s=round(wall, 1), resumed=resume, decision=decision["offsets"],
+                gate_mm3=decision["gate_mm3"], gate_cap_mm3=decision.get("gate_cap_mm3"), validation=decision["validation_dice"],
                 validation_mean=decision["mean_foreground_dice"], postprocessing=decision.get("postprocessing"),
                 test=test)
 
@@ -101,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="20,21,22,24,25,26,27,28,29,30")
     parser.add_argument("--work", type=Path, default=Path("/tmp/demo_seeds"))
     parser.add_argument("--tag", default="N", help="run letter for the result files (default N)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep each seed's work folder: the pipeline reruns only what is not done (the same "
+                             "trained models with a new decision rule, say); wall_s is then that rerun's time")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
     out_dir = REPO / "benchmarks" / "results" / "demo"
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        row = run_seed(seed, args.work, env)
+        row = run_seed(seed, args.work, env, args.resume)
         rows.append(row)
         (out_dir / f"run_{args.tag}_seed{seed}.json").write_text(json.dumps(row, indent=1))
         print(json.dumps(row), flush=True)

@@ -8,6 +8,8 @@
 - The postprocessing chosen with it (heart_postprocessing.pkl) never removes the small classes,
   is chosen by nnU-Net's rule for a per-class step, and is a file plain nnU-Net reads and applies.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -89,8 +91,11 @@ def test_the_search_finds_a_known_offset_and_gate():
     cases = [reduce_case(p, r, f, 1.0, grid.offset_range(4), grid.gated) for p, r, f in raw]
     choice = search(cases, grid, 4)
     # log(0.6/0.3) = 0.69: the offset 1.0 finds class 3 where it is; log(0.7/0.2) = 1.25 > 1.0 keeps the
-    # scattered voxels out (1.5 would add them); the gate is not needed then, and ties go to no gate
-    assert choice.decision == Decision((0.0, 0.0, 0.0, 1.0))
+    # scattered voxels out (1.5 would add them); the gate changes nothing on validation then, and its ties
+    # go to the largest gate up to half the smallest calcification (8 voxels of 1 mm3: 4 mm3)
+    assert choice.gate_cap_mm3 == pytest.approx(4.0)
+    assert choice.decision == Decision((0.0, 0.0, 0.0, 1.0), 3, 4.0)
+    assert search(cases, replace(grid, gate_tie_fraction=0.0), 4).decision == Decision((0.0, 0.0, 0.0, 1.0))
     assert choice.objective_with > choice.objective_without + 0.1
     assert np.isclose(choice.with_decision[0][2], 1.0)  # class 3 found exactly in fold 0's cases
 
@@ -104,7 +109,44 @@ def test_the_search_finds_a_known_offset_and_gate():
     grid = Grid({3: (0.0, 1.0, 2.0)}, gated=3, gates_mm3=(0.0, 6.0, 100.0))
     cases = [reduce_case(p, r, f, 1.0, grid.offset_range(4), grid.gated) for p, r, f in raw]
     choice = search(cases, grid, 4)
+    # 6 mm3 is above the cap (4 mm3): taken because it scores strictly better, not as a tie
+    assert choice.gate_cap_mm3 == pytest.approx(4.0)
     assert choice.decision == Decision((0.0, 0.0, 0.0, 2.0), 3, 6.0), choice.decision
+
+
+def test_the_gates_ties_go_to_the_largest_gate_under_half_the_smallest_calcification():
+    """Validation where no gate changes a score (no case has a stray class-3 voxel): the gate goes to
+    the largest grid value up to half of the smallest class-3 volume of the validation cases, so a new
+    case's stray voxels go while a calcification half the size of the smallest one stays; with no
+    class 3 in any validation case (cap 0) ties go to no gate; offsets stay zero without min_gain."""
+    rng = np.random.default_rng(5)
+    raw = []
+    for i, size in enumerate((2, 3, 0, 0)):  # class-3 blocks of 2^3 and 3^3 voxels of 2 mm3, and none
+        p, r = _case_with_a_faint_small_class(rng, present=False, noise=0)
+        if size:
+            r[1:1 + size, 10:10 + size, 10:10 + size] = 3
+            p[:, r == 3] = np.array([0.05, 0.05, 0.05, 0.85])[:, None]
+        raw.append((p, r, i % 2))
+    grid = Grid({3: (0.0, 0.5)}, gated=3, gates_mm3=(0.0, 2.0, 6.0, 8.0, 10.0, 40.0), min_gain=0.002)
+    cases = [reduce_case(p, r, f, 2.0, grid.offset_range(4), grid.gated) for p, r, f in raw]
+    choice = search(cases, grid, 4)
+    assert choice.gate_cap_mm3 == pytest.approx(0.5 * 8 * 2.0)
+    assert choice.decision == Decision((0.0, 0.0, 0.0, 0.0), 3, 8.0), choice.decision  # 10 and 40 only tie
+    assert choice.objective_with == choice.objective_without
+    # a new case: two stray class-3 voxels (4 mm3) go, a 4-voxel calcification (8 mm3) stays
+    p, _ = _case_with_a_faint_small_class(rng, present=False, noise=0)
+    stray, small = p.copy(), p.copy()
+    stray[:, 0, 0, :2] = np.array([0.1, 0.1, 0.1, 0.7])[:, None]
+    small[:, 0, 0, :4] = np.array([0.1, 0.1, 0.1, 0.7])[:, None]
+    assert not (labels(np.log(stray), choice.decision, 2.0) == 3).any()
+    assert (labels(np.log(small), choice.decision, 2.0) == 3).sum() == 4
+    # no class 3 in the validation references: nothing to bound the gate by, ties to no gate
+    for p, r, _ in raw:
+        p[:, r == 3] = np.array([0.85, 0.05, 0.05, 0.05])[:, None]
+        r[r == 3] = 0
+    cases = [reduce_case(p, r, f, 2.0, grid.offset_range(4), grid.gated) for p, r, f in raw]
+    choice = search(cases, grid, 4)
+    assert choice.gate_cap_mm3 == 0.0 and not choice.decision.gated
 
 
 def test_no_gain_keeps_nnunets_decision():
@@ -115,8 +157,11 @@ def test_no_gain_keeps_nnunets_decision():
     grid = Grid({1: (0.0, 0.3), 2: (0.0, 0.3), 3: (0.0, 0.3)}, gated=3, gates_mm3=(0.0, 1.0))
     cases = [reduce_case(p, r, f, 1.0, grid.offset_range(4), grid.gated) for p, r, f in raw]
     choice = search(cases, grid, 4)
-    assert choice.decision.is_nnunet and objective(score(cases, choice.decision)) == pytest.approx(1.0)
+    # zero offsets; the gate (1 mm3, under half of every case's class 3) loses nothing, so it stays
+    assert not any(choice.decision.offsets) and choice.decision.gate_mm3 == 1.0
+    assert objective(score(cases, choice.decision)) == pytest.approx(1.0)
     assert choice.settings_tried == 16
+    assert search(cases, replace(grid, gate_tie_fraction=0.0), 4).decision.is_nnunet
 
 
 # ----------------------------------------------------------------------------- applied in the export
@@ -207,8 +252,10 @@ def test_choose_writes_the_decision_beside_postprocessing_and_reads_back(tmp_pat
 
     chosen = decision_file.read(path).decision
     # class 3 at 0.3 against 0.6 needs an offset >= log 2; the 3 scattered voxels (0.2 vs 0.7) join at
-    # >= log 3.5, so the grid's 1.0 finds class 3 alone; no gate needed (ties: the smallest)
-    assert chosen == Decision((0.0, 0.0, 0.0, 1.0))
+    # >= log 3.5, so the grid's 1.0 finds class 3 alone; every gate up to 20 mm3 ties then, and the tie goes
+    # to the largest of the grid up to half the smallest calcification (8 voxels of 1 mm3): 2 mm3
+    assert chosen == Decision((0.0, 0.0, 0.0, 1.0), 3, 2.0)
+    assert content["gate_cap_mm3"] == pytest.approx(4.0) and decision_file.read(path).gate_cap_mm3 == pytest.approx(4.0)
     assert decision.load_for(model, [0, 1]) == chosen and decision.load_for(model, [0]) is None
     for fold in ("0", "1"):
         assert content["validation_dice"][fold]["nnunet"]["3"] == 0.0
@@ -218,7 +265,7 @@ def test_choose_writes_the_decision_beside_postprocessing_and_reads_back(tmp_pat
     (path.parent / "broken.json").write_text('{"offsets": ')
     with pytest.raises(ValueError, match="broken.json: not a decision file"):
         decision_file.read(path.parent / "broken.json")
-    assert decision_file.read(path).describe() == "offsets calcification +1"
+    assert decision_file.read(path).describe() == "offsets calcification +1; calcification kept from 2 mm3"
     # the postprocessing chosen with it: the myocardium blocks are predicted whole, so keep-largest
     # changes no Dice and is not chosen (nnU-Net's rule: strictly better); no nnU-Net pkl was there
     pp = decision_file.read(path).postprocessing

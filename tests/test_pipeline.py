@@ -779,6 +779,31 @@ def _copy_work(runs, work: Path, folders=("nnUNet_raw", "nnUNet_preprocessed", "
 
 
 @pytest.mark.slow
+def test_a_decision_file_of_an_earlier_version_is_chosen_again(runs, setup, tmp_path):
+    """A heart_decision.json written before the gate's tie rule (no gate_cap_mm3): the best step
+    is not done, its decision runs again (nnU-Net's choice is kept), and predict follows it."""
+    work = tmp_path / "work"
+    _copy_work(runs, work)
+    info = json.loads((work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").read_text())
+    pkl = Path(info["best_model_or_ensemble"]["postprocessing_file"])
+    decision = work / pkl.relative_to(runs["work"]).parent / "heart_decision.json"
+    content = json.loads(decision.read_text())
+    del content["gate_cap_mm3"]
+    decision.write_text(json.dumps(content))
+    original = pkl.parent / "heart_decision.json"  # nnU-Net recorded the original run's absolute path
+    assert original != decision and original.is_file()
+    before = _digest(original)
+    p = _run(setup, "--work", str(work), "--folds", FOLDS, "--only", "best,predict")
+    assert "was written before the gate's ties went to the largest gate" in p.stdout
+    assert "$ nnunet-heart decision" in p.stdout and "$ nnUNetv2_predict" in p.stdout
+    assert "$ nnUNetv2_find_best_configuration" not in p.stdout
+    assert json.loads(decision.read_text())["gate_cap_mm3"] >= 0
+    assert _digest(original) == before  # the copy wrote its own file, not the original run's
+    again = _run(setup, "--work", str(work), "--folds", FOLDS, "--only", "best,predict")
+    assert "best: already done" in again.stdout and "predict: already done" in again.stdout
+
+
+@pytest.mark.slow
 def test_leftovers_of_killed_writers_are_swept_where_nnunet_lists(runs, setup, tmp_path):
     """Temporaries of killed writers in every folder nnU-Net lists: an earlier version's (beside the
     outputs, where nnU-Net takes them for cases and plan/postprocess fail) and this version's (in

@@ -2,7 +2,7 @@
 (nnunet_heart_ext/nnunet/decision.py chooses them; the predictor and the pipeline read them), with
 what they bought on each fold's validation. One record, `DecisionFile`, read and written here.
 
-    {"offsets": {"2": 0.5, "3": 1.0}, "gated_label": 3, "gate_mm3": 2.0,
+    {"offsets": {"2": 0.5, "3": 1.0}, "gated_label": 3, "gate_mm3": 2.0, "gate_cap_mm3": 20.5,
      "models": [...], "folds": [0, 1, 2, 3, 4],
      "validation_dice": {"0": {"nnunet": {"1": .., "2": .., "3": ..}, "with_decision": {...}}, ...},
      "mean_foreground_dice": {"nnunet": .., "with_decision": ..}, "grid": {...}, "rule": "...",
@@ -25,8 +25,9 @@ from nnunet_heart_ext.data.files import write_text
 from nnunet_heart_ext.kernels.decision import Choice, Decision, Grid
 
 RULE = ("argmax_c(log p_c + offset_c); a case keeps the gated label only if its voxels add up to gate_mm3; "
-        "chosen on the folds' validation: the best mean over folds of nnU-Net's mean foreground Dice, nnU-Net's "
-        "decision unless beaten by min_gain, ties to the smallest offsets and gate")
+        "chosen on the folds' validation: the best mean over folds of nnU-Net's mean foreground Dice, zero offsets "
+        "unless beaten by min_gain, ties to the smallest offsets, then to the largest gate up to gate_cap_mm3 "
+        "(gate_tie_fraction x the smallest volume of the gated label in a validation case that holds it)")
 POSTPROCESSING_RULE = ("keep-largest never removes the small classes (aortic valve, calcification): only the "
                        "myocardium's largest component is kept, and only where that raises its mean Dice over the "
                        "folds' validation cases (nnU-Net's labels; nnU-Net's rule for a per-class step)")
@@ -78,6 +79,7 @@ class DecisionFile:
     dice_without: float = math.nan  # the mean over folds of nnU-Net's mean foreground Dice, argmax
     dice_with: float = math.nan     # the same with the decision
     postprocessing: Optional[Postprocessing] = None  # written with heart_postprocessing.pkl (files before it: None)
+    gate_cap_mm3: Optional[float] = None  # the largest gate a tie could go to (files before that rule: None)
 
     def fold_rows(self) -> List[Tuple[str, str, Tuple[float, ...]]]:
         """(fold, "nnunet" | "with_decision", Dice per class of ds.CLASSES) for each fold in its
@@ -116,7 +118,8 @@ def read(path: Path) -> DecisionFile:
             str(pp.get("nnunet_chose", "")))
         return DecisionFile(decision, list(content.get("folds", [])), list(content.get("models", [])),
                             dict(content.get("validation_dice", {})), float(means.get("nnunet", math.nan)),
-                            float(means.get("with_decision", math.nan)), postprocessing)
+                            float(means.get("with_decision", math.nan)), postprocessing,
+                            None if content.get("gate_cap_mm3") is None else float(content["gate_cap_mm3"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a decision file ({type(e).__name__}: {e})") from None
 
@@ -129,14 +132,15 @@ def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: G
     labels = [str(c) for c in ds.CLASSES]
     content = {
         "offsets": {str(c): b for c, b in enumerate(d.offsets) if c > 0},
-        "gated_label": d.gated, "gate_mm3": d.gate_mm3,
+        "gated_label": d.gated, "gate_mm3": d.gate_mm3, "gate_cap_mm3": choice.gate_cap_mm3,
         "models": [str(m) for m in models], "folds": list(folds),
         "validation_dice": {str(f): {"nnunet": dict(zip(labels, choice.without[f])),
                                      "with_decision": dict(zip(labels, choice.with_decision[f]))}
                             for f in sorted(choice.without)},
         "mean_foreground_dice": {"nnunet": choice.objective_without, "with_decision": choice.objective_with},
         "grid": {"offsets": {str(c): list(v) for c, v in grid.offsets.items()}, "gated_label": grid.gated,
-                 "gates_mm3": list(grid.gates_mm3), "min_gain": grid.min_gain, "settings_tried": choice.settings_tried},
+                 "gates_mm3": list(grid.gates_mm3), "min_gain": grid.min_gain,
+                 "gate_tie_fraction": grid.gate_tie_fraction, "settings_tried": choice.settings_tried},
         "rule": RULE,
     }
     if postprocessing is not None:

@@ -23,7 +23,21 @@ plus the fixed counts, exactly as on the whole volumes, and ranked by nnU-Net's 
 over foreground classes of the mean over the validation cases of Dice (a case where a class is in
 neither the reference nor the prediction has no Dice for it: NaN, left out), averaged over folds.
 Overfitting guards: a coarse grid, a minimum gain over nnU-Net's decision (`min_gain`, else zero
-offsets and no gate), ties broken towards the smallest offsets and the smallest gate.
+offsets), ties broken towards the smallest offsets.
+
+The gate's ties. Where the validation cannot tell two gates apart (no validation case's score
+changes between them, the usual case: a fold holds a few calcified cases and rarely a
+calcium-free case with one stray calcium voxel), the search takes the LARGEST gate up to the cap
+
+    cap = gate_tie_fraction * (the smallest volume of the gated class in a validation case that holds it)
+
+(half by default; 0 where no validation case holds it, and then ties go to no gate). A gate larger
+than the cap is taken only where it scores strictly better. Reason: a stray prediction of the
+small class in a case without it scores 0 for that case (the case's Dice turns from NaN to 0)
+and halves a small test set's mean, while a gate below half of every calcification seen keeps any
+calcified case whose prediction finds at least half of the smallest one. This applies with
+whichever offsets are chosen, nnU-Net's zero offsets too (their gate must then not lose anything
+on validation): a decision of zero offsets is then nnU-Net's argmax plus the gate.
 """
 import itertools
 import warnings
@@ -147,6 +161,17 @@ class Grid:
     gated: Optional[int] = None
     gates_mm3: Tuple[float, ...] = (0.0,)
     min_gain: float = 0.002
+    gate_tie_fraction: float = 0.5  # ties go to the largest gate <= this x the smallest gated-class volume
+
+    def gate_cap_mm3(self, cases: Sequence["CaseCounts"]) -> float:
+        """The largest gate a tie may go to: gate_tie_fraction x the smallest volume (mm3) of the gated
+        class among the validation cases whose reference holds it (0: no gate, or no such case)."""
+        if self.gated is None:
+            return 0.0
+        volumes = [(int(c.fixed_ref[self.gated]) + int(np.count_nonzero(c.ref == self.gated))) * c.voxel_mm3
+                   for c in cases]
+        present = [v for v in volumes if v > 0]
+        return self.gate_tie_fraction * min(present) if present else 0.0
 
     def offset_range(self, n_classes: int) -> float:
         values = [v for c in range(1, n_classes) for v in self.offsets.get(c, (0.0,))] + [0.0]
@@ -169,23 +194,37 @@ class Choice:
     objective_without: float = float("nan")
     objective_with: float = float("nan")
     settings_tried: int = 0
+    gate_cap_mm3: float = 0.0  # the largest gate a tie could go to (Grid.gate_cap_mm3)
+
+
+def _preference(setting: Decision, gate_cap_mm3: float) -> Tuple[float, int, float]:
+    """How a setting ranks among settings of equal objective (smaller first): the smallest offsets,
+    then the largest gate up to the cap, then gates above it from the smallest."""
+    gate = setting.gate_mm3 if setting.gated is not None else 0.0
+    return (sum(abs(b) for b in setting.offsets), *((0, -gate) if gate <= gate_cap_mm3 else (1, gate)))
 
 
 def search(cases: Sequence[CaseCounts], grid: Grid, n_classes: int) -> Choice:
-    """The setting of `grid` with the best objective over `cases`; nnU-Net's decision unless the
-    best beats it by at least grid.min_gain; ties towards the smallest offsets, then gate."""
+    """The setting of `grid` with the best objective over `cases`, ties by `_preference`. Offsets stay
+    nnU-Net's (zero) unless the best beats nnU-Net's decision by at least grid.min_gain; then the gate
+    is the preferred one among the zero-offset settings that lose nothing against nnU-Net's decision."""
     base = Decision.nnunet(n_classes)
     base_score = score(cases, base)
     base_objective = objective(base_score)
-    best, best_objective, best_key, tried = base, base_objective, (0.0, 0.0), 0
+    cap = grid.gate_cap_mm3(cases)
+    best, best_objective, tried = base, base_objective, 0
+    zero_offsets = [(base, base_objective)]
     for setting in grid.settings(n_classes):
         tried += 1
         value = objective(score(cases, setting))
-        key = (sum(abs(b) for b in setting.offsets), setting.gate_mm3)
-        if value > best_objective + 1e-12 or (abs(value - best_objective) <= 1e-12 and key < best_key):
-            best, best_objective, best_key = setting, value, key
+        if not any(setting.offsets):
+            zero_offsets.append((setting, value))
+        if value > best_objective + 1e-12 or (abs(value - best_objective) <= 1e-12 and
+                                              _preference(setting, cap) < _preference(best, cap)):
+            best, best_objective = setting, value
     if best_objective < base_objective + grid.min_gain:
-        best, best_objective = base, base_objective
+        candidates = [s for s, value in zero_offsets if value >= base_objective - 1e-12]
+        best = min(candidates, key=lambda s: _preference(s, cap))
     chosen = score(cases, best)
     return Choice(best, {f: [float(x) for x in v] for f, v in base_score.items()},
-                  {f: [float(x) for x in v] for f, v in chosen.items()}, base_objective, best_objective, tried)
+                  {f: [float(x) for x in v] for f, v in chosen.items()}, base_objective, objective(chosen), tried, cap)

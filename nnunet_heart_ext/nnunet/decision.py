@@ -7,7 +7,8 @@ nnUNetv2_find_best_configuration): the validation probabilities of every fold (`
 CASE.npz`, written with --npz; for several models, their mean, as their ensemble) against nnU-Net's
 reference copies (`$nnUNet_preprocessed/DATASET/gt_segmentations`), searched over `GRID` by
 nnunet_heart_ext.kernels.decision.search (its docstring states the rule: coarse grid, capped
-offsets, a minimum gain over nnU-Net's decision, ties to the smallest offsets and gate). The
+offsets, a minimum gain over nnU-Net's decision, ties to the smallest offsets, then to the largest
+gate up to half of the smallest calcification of the validation cases). The
 result goes to `heart_decision.json` beside `postprocessing.pkl` (the folder
 `crossval_results_folds_F..` nnU-Net's find_best_configuration writes for these folds), with the
 validation Dice per fold with and without it.
@@ -222,7 +223,8 @@ def choose(model_folders: Sequence[Path], folds: Sequence, gt_folder: Path, out_
     pkl = write_postprocessing(out_folder / ds.HEART_POSTPROCESSING, postprocessing)
     # the json last: a complete heart_decision.json means its postprocessing file is complete too
     path = decision_file.write(out_folder / DECISION_FILE, choice, model_folders, folds, grid, postprocessing)
-    print(f"decision: {describe(choice.decision)}; mean foreground Dice on validation "
+    print(f"decision: {describe(choice.decision)} (a gate's ties went to at most {choice.gate_cap_mm3:g} mm3, "
+          f"{grid.gate_tie_fraction:g} x the smallest calcification of the validation cases); mean foreground Dice on validation "
           f"{choice.objective_without:.4f} (nnU-Net's argmax) -> {choice.objective_with:.4f} ({path})", flush=True)
     print(f"postprocessing: {postprocessing.summary()}; apply with nnUNetv2_apply_postprocessing -pp_pkl_file {pkl}",
           flush=True)

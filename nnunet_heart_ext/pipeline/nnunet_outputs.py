@@ -128,6 +128,18 @@ class InferenceInformation:
     all_results: Dict[str, object]     # each candidate's score
 
 
+def _here(info_file: Path, recorded: str) -> Path:
+    """A path nnU-Net recorded in inference_information.json (absolute, where the run was then),
+    taken below this json's own dataset folder: a work folder copied or moved (another mount on a
+    cluster node, a copy to try something) reads and writes its own files, never the original's."""
+    recorded_path, dataset_dir = Path(recorded), Path(info_file).parent
+    parts = recorded_path.parts
+    if dataset_dir.name not in parts:
+        return recorded_path
+    below = parts[len(parts) - parts[::-1].index(dataset_dir.name):]
+    return dataset_dir.joinpath(*below)
+
+
 def read_inference_information(path: Path) -> InferenceInformation:
     info = _read(path, "the best configuration")
     with _fields(path, "inference information"):
@@ -138,8 +150,8 @@ def read_inference_information(path: Path) -> InferenceInformation:
             folds=[int(f) for f in info["folds"]],
             selected=[dict(trainer=m["trainer"], plans_identifier=m["plans_identifier"],
                            configuration=m["configuration"]) for m in best["selected_model_or_models"]],
-            postprocessing_file=Path(best["postprocessing_file"]),
-            some_plans_file=Path(best["some_plans_file"]),
+            postprocessing_file=_here(path, best["postprocessing_file"]),
+            some_plans_file=_here(path, best["some_plans_file"]),
             all_results=dict(info["all_results"]))
 
 

@@ -254,8 +254,11 @@ class Best(Step):
         if mtime(decision) < mtime(self.layout.inference_information):
             return Check(False, f"{decision} is older than {self.layout.inference_information}")
         heart_pkl = self.layout.heart_postprocessing_file(info)
-        if nnunet_outputs.read_decision(decision).postprocessing is None:
+        chosen = nnunet_outputs.read_decision(decision)
+        if chosen.postprocessing is None:
             return Check(False, f"{decision} was written before the postprocessing was chosen with it")
+        if chosen.gate_cap_mm3 is None:
+            return Check(False, f"{decision} was written before the gate's ties went to the largest gate")
         problem = pickle_problem(heart_pkl)
         if problem:
             return Check(False, f"{heart_pkl} is {problem}")
