@@ -447,6 +447,54 @@ def test_the_command_and_its_errors(tmp_path):
 
 
 
+def test_a_killed_decision_leaves_whole_files_and_the_same_command_finishes(tmp_path):
+    """SIGKILL of `nnunet-heart decision` at moments spread over its run (reading the validation,
+    searching, writing): it leaves nothing, or whole files (a heart_decision.json only beside a whole
+    heart_postprocessing.pkl), never a temporary where nnU-Net's files are; the same command then
+    finishes with the bytes of a run never killed, and sweeps what the killed writers left."""
+    import json
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from nnunet_heart_ext.data.files import _HOST, PARTIAL_DIR
+
+    model, gt = _model_folder(tmp_path, np.random.default_rng(9))
+    out = model / "crossval_results_folds_0_1"
+    argv = [str(Path(sys.executable).parent / "nnunet-heart"), "decision", "-m", str(model), "-f", "0", "1",
+            "--gt", str(gt)]
+    started = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True)
+    whole_run = time.monotonic() - started
+    expected = {name: (out / name).read_bytes() for name in ("heart_decision.json", "heart_postprocessing.pkl")}
+    for f in out.iterdir():
+        f.unlink()
+    # most of a run is Python's start-up and imports: the kills lean towards its end, where it writes
+    for delay in sorted(whole_run * np.random.default_rng(0).uniform(0.5, 1.02, 8)):
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        present = {f.name for f in out.iterdir()} if out.is_dir() else set()
+        assert present <= {"heart_decision.json", "heart_postprocessing.pkl", PARTIAL_DIR}, present
+        if "heart_decision.json" in present:
+            json.loads((out / "heart_decision.json").read_text())
+            assert "heart_postprocessing.pkl" in present
+        if "heart_postprocessing.pkl" in present:
+            with open(out / "heart_postprocessing.pkl", "rb") as f:
+                pickle.load(f)
+    # the writes take milliseconds, so a kill rarely lands inside one: what it would leave is planted
+    # (a temporary of a writer that is gone, cut short), and the next run must sweep it
+    (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL_DIR / f"{_HOST}~{2 ** 22 + 4321}~0badc0de~heart_decision.json").write_text('{"offsets": ')
+    subprocess.run(argv, check=True, capture_output=True)
+    assert {name: (out / name).read_bytes() for name in expected} == expected
+    assert not (out / PARTIAL_DIR).exists()
+
+
 # ----------------------------------------------------------------------------- read by nnUNetv2_predict
 @pytest.mark.slow
 def test_nnunet_predict_of_a_heart_trainer_model_applies_the_decision_of_its_folds(tmp_path):

@@ -45,7 +45,7 @@ import numpy as np
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.data import decision_file
 from nnunet_heart_ext.data.decision_file import Postprocessing, enabled
-from nnunet_heart_ext.data.files import replace_atomically
+from nnunet_heart_ext.data.files import replace_atomically, sweep
 from nnunet_heart_ext.kernels.decision import CaseCounts, Decision, Grid, reduce_case, search
 
 DECISION_FILE = ds.DECISION
@@ -216,6 +216,7 @@ def choose(model_folders: Sequence[Path], folds: Sequence, gt_folder: Path, out_
             raise ValueError("several models (an ensemble): name the folder of its postprocessing.pkl with -o")
         out_folder = crossval_folder(model_folders[0], folds)
     out_folder = Path(out_folder)
+    sweep(out_folder)  # what a killed run of this command left half-written (its writer gone)
     reduced = reduce_validation(model_folders, folds, Path(gt_folder), grid)
     choice = search(reduced.cases, grid, len(ds.LABEL_VALUES))
     postprocessing = choose_postprocessing(reduced.keep_largest,
