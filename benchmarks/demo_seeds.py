@@ -91,7 +91,8 @@ def run_seed(seed: int, root: Path, env: dict, resume: bool = False) -> dict:
                 heart_pp=_dice(postprocessed(raw_pred, heart_pkl, "argmax_heart_pp"), truth),
                 nnunet=_dice(postprocessed(raw_pred, nnunet_pkl, "argmax_nnunet_pp"), truth))
     return dict(seed=seed, fold=int(folds[0]), wall_s=round(wall, 1), resumed=resume, decision=decision["offsets"],
-                gate_mm3=decision["gate_mm3"], gate_cap_mm3=decision.get("gate_cap_mm3"), validation=decision["validation_dice"],
+                gate_mm3=decision["gate_mm3"], gate_cap_mm3=decision.get("gate_cap_mm3"),
+                validation=decision["validation_dice"],
                 validation_mean=decision["mean_foreground_dice"], postprocessing=decision.get("postprocessing"),
                 test=test)
 

@@ -42,11 +42,13 @@ on validation): a decision of zero offsets is then nnU-Net's argmax plus the gat
 import itertools
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 NEG = -1e30  # an offset no probability overcomes (the gate's -inf, finite for float arithmetic)
+TIE = 1e-12  # objectives closer than this are equal (the tie rules decide between them)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,12 @@ class CaseCounts:
     fixed_ref: np.ndarray      # (C,): voxels outside them with reference c
     fixed_tp: np.ndarray       # (C,): voxels outside them labelled c with reference c
 
+    @cached_property
+    def reference_counts(self) -> np.ndarray:
+        """(C,): the case's reference voxels of each class (the same under every setting)."""
+        n = self.fixed_ref.shape[0]
+        return self.fixed_ref + np.bincount(self.ref, minlength=n)[:n]
+
 
 def reduce_case(probabilities: np.ndarray, reference: np.ndarray, fold: int, voxel_mm3: float,
                 offset_range: float, gated: Optional[int]) -> CaseCounts:
@@ -128,7 +136,7 @@ def _case_dice(case: CaseCounts, b: np.ndarray, gated: Optional[int], gate_mm3: 
             b[gated] = NEG
             lab = np.argmax(case.log_p + b[:, None], axis=0)
     pred = case.fixed_pred + np.bincount(lab, minlength=n)[:n]
-    refc = case.fixed_ref + np.bincount(case.ref, minlength=n)[:n]
+    refc = case.reference_counts
     tp = case.fixed_tp + np.bincount(lab[lab == case.ref], minlength=n)[:n]
     denominator = (pred + refc).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -168,8 +176,7 @@ class Grid:
         class among the validation cases whose reference holds it (0: no gate, or no such case)."""
         if self.gated is None:
             return 0.0
-        volumes = [(int(c.fixed_ref[self.gated]) + int(np.count_nonzero(c.ref == self.gated))) * c.voxel_mm3
-                   for c in cases]
+        volumes = [int(c.reference_counts[self.gated]) * c.voxel_mm3 for c in cases]
         present = [v for v in volumes if v > 0]
         return self.gate_tie_fraction * min(present) if present else 0.0
 
@@ -219,11 +226,11 @@ def search(cases: Sequence[CaseCounts], grid: Grid, n_classes: int) -> Choice:
         value = objective(score(cases, setting))
         if not any(setting.offsets):
             zero_offsets.append((setting, value))
-        if value > best_objective + 1e-12 or (abs(value - best_objective) <= 1e-12 and
+        if value > best_objective + TIE or (abs(value - best_objective) <= TIE and
                                               _preference(setting, cap) < _preference(best, cap)):
             best, best_objective = setting, value
     if best_objective < base_objective + grid.min_gain:
-        candidates = [s for s, value in zero_offsets if value >= base_objective - 1e-12]
+        candidates = [s for s, value in zero_offsets if value >= base_objective - TIE]
         best = min(candidates, key=lambda s: _preference(s, cap))
     chosen = score(cases, best)
     return Choice(best, {f: [float(x) for x in v] for f, v in base_score.items()},

@@ -225,8 +225,8 @@ def choose(model_folders: Sequence[Path], folds: Sequence, gt_folder: Path, out_
     # the json last: a complete heart_decision.json means its postprocessing file is complete too
     path = decision_file.write(out_folder / DECISION_FILE, choice, model_folders, folds, grid, postprocessing)
     print(f"decision: {describe(choice.decision)} (a gate's ties went to at most {choice.gate_cap_mm3:g} mm3, "
-          f"{grid.gate_tie_fraction:g} x the smallest calcification of the validation cases); mean foreground Dice on validation "
-          f"{choice.objective_without:.4f} (nnU-Net's argmax) -> {choice.objective_with:.4f} ({path})", flush=True)
+          f"{grid.gate_tie_fraction:g} x the smallest calcification of the validation cases); mean foreground "
+          f"Dice on validation {choice.objective_without:.4f} (nnU-Net's argmax) -> {choice.objective_with:.4f} ({path})", flush=True)
     print(f"postprocessing: {postprocessing.summary()}; apply with nnUNetv2_apply_postprocessing -pp_pkl_file {pkl}",
           flush=True)
     return path
