@@ -272,6 +272,20 @@ def test_choose_writes_the_decision_beside_postprocessing_and_reads_back(tmp_pat
     assert pp.keep_largest == () and pp.dice_without == pp.dice_with == pytest.approx(1.0)
     assert pp.nnunet_chose == "" and content["postprocessing"]["file"] == "heart_postprocessing.pkl"
     assert _load_pickle(path.parent / "heart_postprocessing.pkl") == ([], [])
+    # the rule's version: this one's is current; files of earlier versions (before the field, read by
+    # the fields they hold) say what changed since, which makes the pipeline choose again
+    assert content["format"] == decision_file.FORMAT and decision_file.read(path).outdated() is None
+    for dropped, version in ((("format",), 3), (("format", "gate_cap_mm3"), 2),
+                             (("format", "gate_cap_mm3", "postprocessing"), 1)):
+        old = {k: v for k, v in content.items() if k not in dropped}
+        (path.parent / "old.json").write_text(json.dumps(old))
+        record = decision_file.read(path.parent / "old.json")
+        assert record.format == version and record.decision == chosen
+        why = record.outdated()
+        assert (why is None) == (version == decision_file.FORMAT)
+        if why:
+            assert why.startswith(f"format {version}, chosen before ")
+            assert ("heart_postprocessing.pkl" in why) == (version < 2) and "gate_cap_mm3" in why
 
 
 def _load_pickle(path):

@@ -788,13 +788,13 @@ def test_a_decision_file_of_an_earlier_version_is_chosen_again(runs, setup, tmp_
     pkl = Path(info["best_model_or_ensemble"]["postprocessing_file"])
     decision = work / pkl.relative_to(runs["work"]).parent / "heart_decision.json"
     content = json.loads(decision.read_text())
-    del content["gate_cap_mm3"]
+    del content["gate_cap_mm3"], content["format"]  # as the extension wrote it before either field
     decision.write_text(json.dumps(content))
     original = pkl.parent / "heart_decision.json"  # nnU-Net recorded the original run's absolute path
     assert original != decision and original.is_file()
     before = _digest(original)
     p = _run(setup, "--work", str(work), "--folds", FOLDS, "--only", "best,predict")
-    assert "was written before the gate's ties went to the largest gate" in p.stdout
+    assert "is of an earlier rule (format 2, chosen before the gate's ties go to the largest gate" in p.stdout
     assert "$ nnunet-heart decision" in p.stdout and "$ nnUNetv2_predict" in p.stdout
     assert "$ nnUNetv2_find_best_configuration" not in p.stdout
     assert json.loads(decision.read_text())["gate_cap_mm3"] >= 0

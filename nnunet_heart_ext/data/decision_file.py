@@ -2,7 +2,7 @@
 (nnunet_heart_ext/nnunet/decision.py chooses them; the predictor and the pipeline read them), with
 what they bought on each fold's validation. One record, `DecisionFile`, read and written here.
 
-    {"offsets": {"2": 0.5, "3": 1.0}, "gated_label": 3, "gate_mm3": 2.0, "gate_cap_mm3": 20.5,
+    {"format": 3, "offsets": {"2": 0.5, "3": 1.0}, "gated_label": 3, "gate_mm3": 2.0, "gate_cap_mm3": 20.5,
      "models": [...], "folds": [0, 1, 2, 3, 4],
      "validation_dice": {"0": {"nnunet": {"1": .., "2": .., "3": ..}, "with_decision": {...}}, ...},
      "mean_foreground_dice": {"nnunet": .., "with_decision": ..}, "grid": {...}, "rule": "...",
@@ -12,6 +12,11 @@ what they bought on each fold's validation. One record, `DecisionFile`, read and
 Beside it, `heart_postprocessing.pkl` (nnU-Net's format, read by nnUNetv2_apply_postprocessing): the
 postprocessing of HeartTrainer models, keep-largest for the myocardium only. Which postprocessing
 file applies, and whether the decision does, is stated here (`postprocessing_to_apply`, `enabled`).
+
+`format` is the version of the rule that chose the file (`FORMAT`, what changed at each in `CHANGES`):
+the pipeline's best step chooses again where a file is older than the rule it would apply. Files
+written before the field are read by what they hold: gate_cap_mm3 from format 3 on, postprocessing
+from format 2 on.
 """
 import json
 import math
@@ -31,6 +36,10 @@ RULE = ("argmax_c(log p_c + offset_c); a case keeps the gated label only if its 
 POSTPROCESSING_RULE = ("keep-largest never removes the small classes (aortic valve, calcification): only the "
                        "myocardium's largest component is kept, and only where that raises its mean Dice over the "
                        "folds' validation cases (nnU-Net's labels; nnU-Net's rule for a per-class step)")
+FORMAT = 3  # raise it, saying what changed in CHANGES, where a rule change should make the pipeline choose again
+CHANGES = {1: "offsets and a has-calcium gate",
+           2: "heart_postprocessing.pkl chosen with the decision",
+           3: "the gate's ties go to the largest gate up to gate_cap_mm3"}
 OFF_ENV = "NNUNET_HEART_EXT_DECISION"  # 0: neither the decision nor heart_postprocessing.pkl applies
 
 
@@ -80,6 +89,15 @@ class DecisionFile:
     dice_with: float = math.nan     # the same with the decision
     postprocessing: Optional[Postprocessing] = None  # written with heart_postprocessing.pkl (files before it: None)
     gate_cap_mm3: Optional[float] = None  # the largest gate a tie could go to (files before that rule: None)
+    format: int = FORMAT  # the rule that chose it (CHANGES)
+
+    def outdated(self) -> Optional[str]:
+        """Why the rule of this version would choose differently (None when the file is of this
+        version or newer): what changed since the file's rule."""
+        if self.format >= FORMAT:
+            return None
+        return (f"format {self.format}, chosen before " +
+                "; ".join(CHANGES[v] for v in range(self.format + 1, FORMAT + 1)))
 
     def fold_rows(self) -> List[Tuple[str, str, Tuple[float, ...]]]:
         """(fold, "nnunet" | "with_decision", Dice per class of ds.CLASSES) for each fold in its
@@ -119,9 +137,15 @@ def read(path: Path) -> DecisionFile:
         return DecisionFile(decision, list(content.get("folds", [])), list(content.get("models", [])),
                             dict(content.get("validation_dice", {})), float(means.get("nnunet", math.nan)),
                             float(means.get("with_decision", math.nan)), postprocessing,
-                            None if content.get("gate_cap_mm3") is None else float(content["gate_cap_mm3"]))
+                            None if content.get("gate_cap_mm3") is None else float(content["gate_cap_mm3"]),
+                            int(content.get("format", _format_by_content(content))))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a decision file ({type(e).__name__}: {e})") from None
+
+
+def _format_by_content(content: dict) -> int:
+    """The format of a file written before `format` was: the newest whose field it holds."""
+    return 3 if content.get("gate_cap_mm3") is not None else 2 if content.get("postprocessing") is not None else 1
 
 
 def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: Grid,
@@ -131,6 +155,7 @@ def write(path: Path, choice: Choice, models: Sequence, folds: Sequence, grid: G
     d = choice.decision
     labels = [str(c) for c in ds.CLASSES]
     content = {
+        "format": FORMAT,
         "offsets": {str(c): b for c, b in enumerate(d.offsets) if c > 0},
         "gated_label": d.gated, "gate_mm3": d.gate_mm3, "gate_cap_mm3": choice.gate_cap_mm3,
         "models": [str(m) for m in models], "folds": list(folds),

@@ -4,7 +4,7 @@ the Slurm launcher branch on its kind, the user reads its reason."""
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.pipeline import nnunet_outputs
@@ -255,10 +255,9 @@ class Best(Step):
             return Check(False, f"{decision} is older than {self.layout.inference_information}")
         heart_pkl = self.layout.heart_postprocessing_file(info)
         chosen = nnunet_outputs.read_decision(decision)
-        if chosen.postprocessing is None:
-            return Check(False, f"{decision} was written before the postprocessing was chosen with it")
-        if chosen.gate_cap_mm3 is None:
-            return Check(False, f"{decision} was written before the gate's ties went to the largest gate")
+        outdated = chosen.outdated()
+        if outdated:
+            return Check(False, f"{decision} is of an earlier rule ({outdated})")
         problem = pickle_problem(heart_pkl)
         if problem:
             return Check(False, f"{heart_pkl} is {problem}")
