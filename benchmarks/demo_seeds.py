@@ -30,6 +30,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_heart_ext.data import dataset as ds
+from nnunet_heart_ext.data.phantom import TEST_LABEL_DIR
+from nnunet_heart_ext.pipeline.layout import Layout
+from nnunet_heart_ext.pipeline.nnunet_outputs import read_inference_information
+from nnunet_heart_ext.pipeline.options import parse
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {1: "myocardium", 2: "valve", 3: "calcification"}
 
@@ -37,7 +43,7 @@ CLASSES = {1: "myocardium", 2: "valve", 3: "calcification"}
 def _dice(pred_dir: Path, truth: dict) -> dict:
     per_class = {c: [] for c in CLASSES}
     for case, ref_file in truth.items():
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}.nii.gz")))
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / ds.PREDICTION.name(case))))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
         for c in CLASSES:
             a, b = pred == c, ref == c
@@ -57,36 +63,33 @@ def run_seed(seed: int, root: Path, env: dict, resume: bool = False) -> dict:
     wall = time.monotonic() - started
     if rc != 0:
         return dict(seed=seed, error=f"pipeline exit {rc}, see {root / f'seed{seed}.log'}")
-    info = json.loads((work / "nnUNet_results" / "Dataset100_Heart" / "inference_information.json").read_text())
-    best = info["best_model_or_ensemble"]
-    decision_file = Path(best["postprocessing_file"]).parent / "heart_decision.json"
-    decision = json.loads(decision_file.read_text())
-    model = best["selected_model_or_models"][0]
-    model_dir = work / "nnUNet_results" / "Dataset100_Heart" / \
-        f"{model['trainer']}__{model['plans_identifier']}__{model['configuration']}"
-    truth_dir = work / "phantom" / "testing_label"
-    truth = {p.name[:-len("_gt.nii.gz")]: p for p in sorted(truth_dir.glob("*_gt.nii.gz"))}
-    with_env = dict(env, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-                    nnUNet_results=str(work / "nnUNet_results"))
+    layout = Layout(parse(["--demo", "--seed", str(seed), "--work", str(work)]))
+    info = read_inference_information(layout.inference_information)
+    decision = json.loads(layout.decision_file(info).read_text())
+    model = info.selected[0]
+    model_dir = layout.model_dir(model["configuration"], model["trainer"], model["plans_identifier"])
+    truth = ds.cases_in(layout.src / TEST_LABEL_DIR, ds.ORGANIZER_LABEL)
+    with_env = dict(env, nnUNet_raw=str(layout.raw_root), nnUNet_preprocessed=str(layout.preprocessed_root),
+                    nnUNet_results=str(layout.results_root))
     without_env = dict(with_env, NNUNET_HEART_EXT_DECISION="0")
     raw_pred = work / "argmax_predictions"
-    folds = [str(f) for f in info["folds"]]
-    subprocess.run(["nnUNetv2_predict", "-i", str(work / "nnUNet_raw" / "Dataset100_Heart" / "imagesTs"),
+    folds = [str(f) for f in info.folds]
+    subprocess.run(["nnUNetv2_predict", "-i", str(layout.raw.images_ts),
                     "-o", str(raw_pred), "-d", "100", "-tr", model["trainer"], "-p", model["plans_identifier"],
                     "-c", model["configuration"], "-f", *folds, "-device", "cpu", "--disable_tta", "-npp", "2",
                     "-nps", "2"], env=without_env, check=True, capture_output=True)
-    nnunet_pkl = Path(best["postprocessing_file"])
-    heart_pkl = nnunet_pkl.parent / "heart_postprocessing.pkl"
-    offsets_pred = work / "predictions" / f"{model['trainer']}_{model['plans_identifier']}_{model['configuration']}"
+    nnunet_pkl = info.postprocessing_file
+    heart_pkl = layout.heart_postprocessing_file(info)
+    offsets_pred = layout.prediction_dir(model)
 
     def postprocessed(source: Path, pkl: Path, name: str) -> Path:
         out = work / name
         subprocess.run(["nnUNetv2_apply_postprocessing", "-i", str(source), "-o", str(out), "-pp_pkl_file", str(pkl),
-                        "-np", "2", "-plans_json", str(model_dir / "plans.json"), "-dataset_json",
-                        str(model_dir / "dataset.json")], env=without_env, check=True, capture_output=True)
+                        "-np", "2", "-plans_json", str(model_dir / ds.MODEL_PLANS), "-dataset_json",
+                        str(model_dir / ds.DATASET_JSON)], env=without_env, check=True, capture_output=True)
         return out
 
-    test = dict(extension=_dice(work / "predictions" / "postprocessed", truth),
+    test = dict(extension=_dice(layout.postprocessed, truth),
                 offsets=_dice(postprocessed(offsets_pred, nnunet_pkl, "offsets_nnunet_pp"), truth),
                 heart_pp=_dice(postprocessed(raw_pred, heart_pkl, "argmax_heart_pp"), truth),
                 nnunet=_dice(postprocessed(raw_pred, nnunet_pkl, "argmax_nnunet_pp"), truth))
