@@ -162,3 +162,45 @@ def test_a_calcification_smaller_than_a_voxel_still_labels_the_voxel_it_sits_in(
     assert spacing[0] > 3.0
     assert 1 <= (label == 3).sum() <= 4
     assert image[label == 3].min() > image[label == 1].mean() + 150  # brighter than the muscle
+
+
+def test_draw_case_gives_the_arrays_make_phantom_wrote(phantom):
+    """`draw_case` (what benchmarks/phantom_calcium.py reads instead of files) redraws a case exactly:
+    the test cases it names calcified hold calcium, the others none, and every array and spacing is
+    what make_phantom wrote (read back through nnU-Net's reader)."""
+    import SimpleITK as sitk
+
+    from nnunet_heart_ext.data.phantom import calcified_test_cases, calcified_training_cases, draw_case
+
+    calcified = set(calcified_test_cases(N_TRAIN, N_TEST, 0)) | set(calcified_training_cases(N_TRAIN, N_TEST, 0))
+    assert calcified_test_cases(N_TRAIN, N_TEST, 0) and all(int(c[-4:]) > N_TRAIN for c in
+                                                            calcified_test_cases(N_TRAIN, N_TEST, 0))
+    for image_file, label_file in _cases(phantom):
+        case = image_file.name[:-len(".nii.gz")]
+        image, label, spacing = draw_case(case, N_TRAIN, N_TEST, 0)
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(image_file)))
+        written_label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))
+        assert np.array_equal(image, written) and np.array_equal(label, written_label)
+        assert np.allclose(spacing[::-1], sitk.ReadImage(str(image_file)).GetSpacing())
+        assert ((label == 3).any()) == (case in calcified)
+    with pytest.raises(KeyError, match="patient0099: not a case"):
+        draw_case("patient0099", N_TRAIN, N_TEST, 0)
+
+
+def test_the_calcium_bound_counts_a_calcification_no_brighter_than_its_surroundings_as_missed():
+    """benchmarks/phantom_calcium.py: a blob brighter than everything around it is visible, one as
+    bright as the blood beside it is not, and a case's Dice bound is 2v / (1 + v)."""
+    from benchmarks.phantom_calcium import calcifications, case_bound, seed_bound
+
+    image = np.full((20, 20, 20), 40.0)
+    label = np.zeros(image.shape, np.uint8)
+    image[2:5, 2:5, 2:5], label[2:5, 2:5, 2:5] = 900.0, 3        # 27 voxels, bright
+    image[12:18, 12:18, 12:18] = 400.0                           # contrast blood
+    image[14, 14, 14], label[14, 14, 14] = 390.0, 3              # 1 voxel inside it, dimmer
+    rows = sorted(calcifications(image, label), key=lambda r: -r["voxels"])
+    assert [(r["voxels"], r["visible"]) for r in rows] == [(27, True), (1, False)]
+    assert rows[1]["peak_hu"] == 390.0 and rows[1]["around_hu"] == 400.0
+    assert case_bound(rows) == pytest.approx(dict(visible_share=27 / 28, dice_bound=54 / 55))
+    bound = seed_bound(41, 24, 4)  # the seed whose test calcification (2 voxels) the image does not show
+    assert bound["dice_bound"] == 0.0 and bound["cases"][0]["visible_share"] == 0.0
+    assert seed_bound(20, 24, 4)["dice_bound"] == 1.0

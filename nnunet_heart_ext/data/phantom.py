@@ -289,6 +289,27 @@ def calcified_training_cases(n_train: int = 8, n_test: int = 4, seed: int = 0) -
                   if entry["calcified"] and case <= n_train)
 
 
+def calcified_test_cases(n_train: int = 8, n_test: int = 4, seed: int = 0) -> list:
+    """The same for the test cases."""
+    return sorted(ds.case_id(case) for case, entry in _plan(n_train, n_test, seed).items()
+                  if entry["calcified"] and case > n_train)
+
+
+def _case_rng(seed: int, case: int) -> np.random.Generator:
+    return np.random.default_rng([seed, case])
+
+
+def draw_case(case_id: str, n_train: int = 8, n_test: int = 4, seed: int = 0,
+              full_size: bool = False) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
+    """One case of `make_phantom(..., n_train, n_test, seed, full_size)` drawn again in memory, as
+    `synth_case` returns it (the arrays make_phantom writes), without writing a file."""
+    plan = _plan(n_train, n_test, seed)
+    case = next((c for c in plan if ds.case_id(c) == case_id), None)
+    if case is None:
+        raise KeyError(f"{case_id}: not a case of the phantom with {n_train} training and {n_test} test cases")
+    return synth_case(_case_rng(seed, case), plan[case]["anisotropic"], plan[case]["calcified"], full_size)
+
+
 def _files(out: Path, n_train: int, n_test: int, seed: int) -> Dict[int, dict]:
     """_plan with each case's image and label path under `out`."""
     plan = _plan(n_train, n_test, seed)
@@ -344,7 +365,7 @@ def make_phantom(out_dir, n_train: int = 8, n_test: int = 4, seed: int = 0, full
 
     started = time.perf_counter()
     for case, entry in tqdm(plan.items(), desc="phantom", unit="case"):
-        rng = np.random.default_rng([seed, case])
+        rng = _case_rng(seed, case)
         image, label, spacing = synth_case(rng, entry["anisotropic"], entry["calcified"], full_size)
         extent = np.array(image.shape) * np.array(spacing)
         origin = (-extent[2] / 2 + rng.uniform(-10, 10), -extent[1] / 2 + rng.uniform(-10, 10),
