@@ -37,15 +37,14 @@ from nnunet_heart_ext.pipeline.nnunet_outputs import read_inference_information
 from nnunet_heart_ext.pipeline.options import parse
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = {1: "myocardium", 2: "valve", 3: "calcification"}
 
 
 def _dice(pred_dir: Path, truth: dict) -> dict:
-    per_class = {c: [] for c in CLASSES}
+    per_class = {c: [] for c in ds.CLASSES}
     for case, ref_file in truth.items():
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / ds.PREDICTION.name(case))))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
-        for c in CLASSES:
+        for c in ds.CLASSES:
             a, b = pred == c, ref == c
             if a.sum() + b.sum():
                 per_class[c].append(2 * float((a & b).sum()) / float(a.sum() + b.sum()))

@@ -27,10 +27,11 @@ import numpy as np
 from scipy import ndimage
 
 from benchmarks.common import atomic_write_bytes, machine
+from nnunet_heart_ext.data import dataset as ds
 from nnunet_heart_ext.data.phantom import calcified_test_cases, draw_case
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CALCIUM = 3
+CALCIUM = ds.LABELS["calcification"]
 AROUND = 4  # voxels
 
 

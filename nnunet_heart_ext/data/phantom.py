@@ -282,17 +282,20 @@ def _plan(n_train: int, n_test: int, seed: int) -> Dict[int, dict]:
     return plan
 
 
+def _calcified_cases(n_train: int, n_test: int, seed: int, test: bool) -> list:
+    return sorted(ds.case_id(case) for case, entry in _plan(n_train, n_test, seed).items()
+                  if entry["calcified"] and (case > n_train) == test)
+
+
 def calcified_training_cases(n_train: int = 8, n_test: int = 4, seed: int = 0) -> list:
     """Case ids (`patientNNNN`) of the training cases that `make_phantom(..., n_train, n_test, seed)`
     draws with calcifications. Reads nothing."""
-    return sorted(ds.case_id(case) for case, entry in _plan(n_train, n_test, seed).items()
-                  if entry["calcified"] and case <= n_train)
+    return _calcified_cases(n_train, n_test, seed, test=False)
 
 
 def calcified_test_cases(n_train: int = 8, n_test: int = 4, seed: int = 0) -> list:
     """The same for the test cases."""
-    return sorted(ds.case_id(case) for case, entry in _plan(n_train, n_test, seed).items()
-                  if entry["calcified"] and case > n_train)
+    return _calcified_cases(n_train, n_test, seed, test=True)
 
 
 def _case_rng(seed: int, case: int) -> np.random.Generator:
